@@ -1,0 +1,70 @@
+# dashclip — the README's two commands: `make run` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+CONFIG ?= configs/demo.yaml
+PIP := $(BIN)/pip --disable-pip-version-check -q
+
+# All local state lives in one ignored folder.
+export DASHCLIP_HOME ?= $(CURDIR)/.dashclip
+export AIRFLOW_HOME ?= $(DASHCLIP_HOME)/airflow
+export AIRFLOW_CONFIG ?= $(CURDIR)/airflow.cfg
+export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/dags
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN ?= sqlite:///$(AIRFLOW_HOME)/airflow.db
+export MLFLOW_TRACKING_URI ?= sqlite:///$(DASHCLIP_HOME)/mlflow/mlflow.db
+# Offline by default: nothing is downloaded at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export GX_ANALYTICS_ENABLED := false
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.2
+export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER := 0
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export TOKENIZERS_PARALLELISM := false
+export PYTHONWARNINGS := ignore::DeprecationWarning
+
+.PHONY: install run test test-fast airflow mlflow lock lint clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
+	$(PIP) install torch==2.13.0 -c constraints.txt 2>&1 | grep -v '^WARNING: Location' || true
+	$(PIP) install -r requirements-dev.txt -c requirements.lock 2>&1 | grep -v '^WARNING: Location' || true
+	$(PIP) install --no-deps -e . 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -c "import torch, airflow, ray, mlflow, faiss, great_expectations, transformers, dashclip_core" 2>/dev/null
+	touch $@
+
+install: $(VENV)/.installed
+
+$(AIRFLOW_HOME)/airflow.db: | $(VENV)/.installed
+	mkdir -p $(AIRFLOW_HOME)
+	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (tail -20 $(AIRFLOW_HOME)/db-migrate.log; exit 1)
+
+run: install $(AIRFLOW_HOME)/airflow.db
+	$(BIN)/dashclip run --config $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Airflow UI on http://localhost:8080 (trigger dashclip_nightly with its params form).
+airflow: install $(AIRFLOW_HOME)/airflow.db
+	AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True $(BIN)/airflow standalone
+
+# MLflow UI on http://localhost:5000 (runs, curves, registered models and aliases).
+mlflow: install
+	mkdir -p $(DASHCLIP_HOME)/mlflow
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+lock: install
+	$(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//' > requirements.lock
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(DASHCLIP_HOME)

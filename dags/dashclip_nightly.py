@@ -1,0 +1,54 @@
+"""DashCLIP nightly retrain: wiring only (schedule, params, retries, gates). Imports no torch/ray/mlflow/faiss/GX."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+from tasks import steps
+from tasks.common import DAG_ID, DEFAULT_CONFIG
+
+# Gates and training fail fast on bad data (AirflowFailException skips retries); I/O hiccups retry.
+DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(minutes=2)}
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["dashclip", "training"],
+    params={
+        "config_path": Param(DEFAULT_CONFIG, type="string", description="Pipeline config (YAML), relative to the project root"),
+        "sample_size": Param(None, type=["null", "integer"], minimum=0, description="Products to sample from the catalog (empty = config)"),
+        "epochs": Param(None, type=["null", "integer"], minimum=0, description="Epochs of both training stages (empty = config)"),
+        "num_workers": Param(None, type=["null", "integer"], minimum=1, description="Ray Train workers (empty = config)"),
+        "use_gpu": Param(None, type=["null", "boolean"], description="Train on GPUs (empty = config)"),
+        "promote": Param(None, type=["null", "boolean"], description="Move `champion` when the new model wins (empty = config)"),
+    },
+    doc_md=__doc__,
+)
+def dashclip_nightly():
+    """### DashCLIP nightly
+    extract catalog → **catalog gate** → label pairs (teacher) → **label gate** → stage 1 (ITC+ITM, Ray) →
+    stage 2 (QCC, Ray) ‖ embedding backfill (Ray Data) → **embedding gate** → FAISS index → evaluate →
+    register in MLflow (`challenger`, `champion` when it wins).
+    """
+    catalog = task(steps.extract_catalog)()
+    catalog_ok = task(steps.validate_catalog)(catalog)
+    labels = task(steps.label_pairs)(catalog_ok)
+    labels_ok = task(steps.validate_labels)(labels)
+    stage1 = task(steps.train_stage1)(labels_ok)
+    stage2 = task(steps.train_stage2)(stage1)
+    embeddings = task(steps.backfill_embeddings)(stage1)
+    embeddings_ok = task(steps.validate_embeddings)(embeddings)
+    index = task(steps.build_index)(embeddings_ok, stage2)
+    evaluation = task(steps.evaluate)(index)
+    task(steps.register_model)(evaluation)
+
+
+dashclip_nightly()

@@ -1,0 +1,78 @@
+"""Embedding backfill: product embeddings for a whole snapshot with Ray Data.
+
+A pool of actors each loads the product encoder once (``ProductEmbedder.__init__``) and embeds
+batches of rows (``__call__``); the result is written as one parquet table
+(product_id, embedding list<float32>, unit norm).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dashclip_core.config import PipelineConfig
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ["product_id", "title", "description", "image_uri"]
+
+
+class ProductEmbedder:
+    """Ray Data callable class: one encoder per actor."""
+
+    def __init__(self, model_dir: str, threads: int = 1) -> None:
+        import torch
+
+        from dashclip_core.models.encoders import load_product_encoder
+        from dashclip_core.models.inputs import InputBuilder
+
+        torch.set_num_threads(threads)  # one thread per actor on a small box; actors give the parallelism
+        self.encoder = load_product_encoder(Path(model_dir))
+        self.builder = InputBuilder(self.encoder.cfg)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from dashclip_core.models.inputs import embed_products
+
+        emb = embed_products(self.encoder, self.builder, batch.reset_index(drop=True), batch_size=len(batch))
+        return pd.DataFrame({"product_id": batch["product_id"].to_numpy(), "embedding": list(emb.astype(np.float32))})
+
+
+def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame, model_dir: Path, out_path: Path) -> dict:
+    """Embed every product of the snapshot with Ray Data and write ``out_path`` (parquet)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from dashclip_core.training.ray_launcher import ensure_ray
+
+    ensure_ray(cfg)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds = ray.data.from_pandas(products[COLUMNS].reset_index(drop=True))
+    out = ds.map_batches(
+        ProductEmbedder,
+        fn_constructor_kwargs={"model_dir": str(model_dir)},
+        batch_size=cfg.ray.backfill_batch_size,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=cfg.ray.backfill_actors),
+        num_cpus=1,
+    ).to_pandas()
+    order = {p: i for i, p in enumerate(products["product_id"])}
+    out = out.sort_values("product_id", key=lambda s: s.map(order)).reset_index(drop=True)
+    matrix = np.stack([np.asarray(e, np.float32) for e in out["embedding"]]) if len(out) else np.zeros((0, cfg.model.embed_dim), np.float32)
+    table = pa.table({
+        "product_id": pa.array(out["product_id"].astype(str).tolist()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1]).cast(pa.list_(pa.float32())),
+    })
+    pq.write_table(table, out_path)
+    return {"n_products": len(out), "dim": int(matrix.shape[1])}
+
+
+def read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:
+    """(product_ids, (N, D) float32) from an embeddings parquet."""
+    df = pd.read_parquet(path)
+    matrix = np.stack([np.asarray(e, np.float32) for e in df["embedding"]]) if len(df) else np.zeros((0, 0), np.float32)
+    return df["product_id"].astype(str).tolist(), matrix

@@ -1,0 +1,113 @@
+"""Catalog extraction: SQL (through SQLAlchemy) -> a parquet snapshot of products, search log and human labels.
+
+The snapshot is the named input of every later step (never "the latest catalog"): image URIs are
+resolved to absolute paths (relative ones against the database's folder), and an optional
+deterministic sample keeps the run small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from dashclip_core.config import PipelineConfig
+
+logger = logging.getLogger(__name__)
+
+PRODUCT_COLUMNS = ["product_id", "title", "description", "brand", "category", "aisle", "image_uri", "updated_at"]
+LOG_COLUMNS = ["query", "product_id", "impressions", "clicks", "purchases"]
+LABEL_COLUMNS = ["query", "product_id", "label", "annotator", "split"]
+
+
+def ensure_source_catalog(cfg: PipelineConfig) -> str:
+    """Create the embedded catalog DB when the config asks for one; return the SQLAlchemy URL to read."""
+    if cfg.catalog.source == "demo" and not cfg.catalog.db_url:
+        from dashclip_core.catalog.demo import generate_demo_catalog
+
+        generate_demo_catalog(
+            cfg.catalog_dir(), num_products=cfg.catalog.demo_num_products,
+            image_only_fraction=cfg.catalog.demo_image_only_fraction,
+            text_only_fraction=cfg.catalog.demo_text_only_fraction, seed=cfg.catalog.seed,
+        )
+    elif cfg.catalog.source == "grocery" and not cfg.catalog.db_url:
+        from dashclip_core.catalog.grocery import import_grocery
+
+        root = cfg.grocery_root()
+        if not (root / "dataset" / "classes.csv").exists():
+            raise FileNotFoundError(
+                f"catalog.grocery_root={root}: no dataset/classes.csv there; point it (or $DASHCLIP_GROCERY_ROOT) "
+                f"at a GroceryStoreDataset checkout"
+            )
+        import_grocery(root, cfg.catalog_dir(), products_per_class=cfg.catalog.grocery_products_per_class, seed=cfg.catalog.seed)
+    elif cfg.catalog.source not in ("demo", "grocery", "sql"):
+        raise ValueError(f"catalog.source {cfg.catalog.source!r} is unknown; use demo, grocery or sql")
+    return cfg.catalog_db_url()
+
+
+def _db_folder(db_url: str) -> Path | None:
+    """Folder of a SQLite database file (relative image URIs resolve against it)."""
+    if db_url.startswith("sqlite:///"):
+        return Path(db_url[len("sqlite:///") :]).resolve().parent
+    return None
+
+
+def read_catalog(db_url: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Read the three tables; missing required columns raise naming the table and column."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            tables = {}
+            for table, cols in (("products", PRODUCT_COLUMNS), ("search_log", LOG_COLUMNS), ("human_labels", LABEL_COLUMNS)):
+                df = pd.read_sql(sa.text(f"SELECT * FROM {table}"), conn)
+                missing = [c for c in cols if c not in df.columns]
+                if missing:
+                    raise ValueError(f"{db_url}: table '{table}' lacks column(s) {missing}; expected {cols}")
+                tables[table] = df[cols]
+    finally:
+        engine.dispose()
+    return tables["products"], tables["search_log"], tables["human_labels"]
+
+
+def resolve_image_uris(products: pd.DataFrame, base: Path | None) -> pd.DataFrame:
+    def resolve(uri):
+        if not isinstance(uri, str) or not uri.strip():
+            return None
+        if uri.startswith(("s3://", "/")) or base is None:
+            return uri
+        return str((base / uri).resolve())
+
+    return products.assign(image_uri=products["image_uri"].map(resolve))
+
+
+def sample_products(products: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """A deterministic sample: the ``n`` products with the smallest hash(seed, product_id); stable as the catalog grows."""
+    if n <= 0 or n >= len(products):
+        return products
+    key = products["product_id"].astype(str).map(lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    return products.loc[key.sort_values().index[:n]].sort_index()
+
+
+def extract_snapshot(cfg: PipelineConfig, db_url: str, out_dir: Path) -> dict:
+    """Write products.parquet, search_log.parquet, human_labels.parquet into ``out_dir``; return counts."""
+    products, log, labels = read_catalog(db_url)
+    products = resolve_image_uris(products, _db_folder(db_url))
+    products = sample_products(products, cfg.catalog.sample_size, cfg.catalog.seed)
+    ids = set(products["product_id"])
+    log = log[log["product_id"].isin(ids)]
+    labels = labels[labels["product_id"].isin(ids)]
+    products.to_parquet(out_dir / "products.parquet", index=False)
+    log.to_parquet(out_dir / "search_log.parquet", index=False)
+    labels.to_parquet(out_dir / "human_labels.parquet", index=False)
+    return {
+        "n_products": len(products),
+        "n_with_image": int(products["image_uri"].notna().sum()),
+        "n_with_title": int(products["title"].notna().sum()),
+        "n_search_log": len(log),
+        "n_human_labels": len(labels),
+        "n_eval_queries": int(labels.loc[labels["split"] == "eval", "query"].nunique()),
+    }

@@ -1,0 +1,256 @@
+"""``dashclip`` command line: run the DAG locally, print a run's summary, embed products/queries, search.
+
+    dashclip run [--config configs/demo.yaml]          airflow dags test dashclip_nightly + summary
+    dashclip summary [--run-id RUN]                     summary of a DAG run (latest by default)
+    dashclip embed products --model URI --input P.parquet --output O.parquet
+    dashclip embed queries  --model URI --input Q.parquet --output O.parquet
+    dashclip search "oat milk" -k 10 [--model-name dashclip-demo]
+
+``--model`` is ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) from the MLflow registry, or a
+DAG run folder (``<root>/dashclip_nightly/<run>``) holding ``train_stage1`` and ``train_stage2``.
+Local stores are the ones ``make run`` uses (``$DASHCLIP_HOME``, default ``.dashclip/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dashclip_core.config import PROJECT_ROOT, PipelineConfig, dashclip_home
+
+logger = logging.getLogger("dashclip")
+
+DAG_ID = "dashclip_nightly"
+
+
+# ---- run + summary -----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    conf = {"config_path": args.config}
+    for key in ("sample_size", "epochs", "num_workers"):
+        if getattr(args, key) is not None:
+            conf[key] = getattr(args, key)
+    airflow = Path(sys.executable).with_name("airflow")
+    t0 = time.time()
+    proc = subprocess.run([str(airflow), "dags", "test", DAG_ID, "-c", json.dumps(conf)], cwd=PROJECT_ROOT)
+    wall = time.time() - t0
+    run_id = latest_run_id()
+    if run_id is None:
+        print("no DAG run was recorded", file=sys.stderr)
+        return proc.returncode or 1
+    print_summary(run_id, args.config, wall)
+    return proc.returncode
+
+
+def airflow_db() -> Path:
+    conn = os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "")
+    if conn.startswith("sqlite:///"):
+        return Path(conn[len("sqlite:///") :])
+    return Path(os.environ.get("AIRFLOW_HOME", dashclip_home() / "airflow")) / "airflow.db"
+
+
+def latest_run_id() -> str | None:
+    with sqlite3.connect(airflow_db()) as db:
+        row = db.execute("SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", (DAG_ID,)).fetchone()
+    return row[0] if row else None
+
+
+def task_states(run_id: str) -> list[tuple[str, str, float | None]]:
+    with sqlite3.connect(airflow_db()) as db:
+        rows = db.execute(
+            "SELECT task_id, state, duration, start_date FROM task_instance WHERE dag_id = ? AND run_id = ? ORDER BY start_date IS NULL, start_date",
+            (DAG_ID, run_id),
+        ).fetchall()
+    return [(r[0], r[1] or "none", r[2]) for r in rows]
+
+
+def print_summary(run_id: str, config_path: str, wall: float | None = None) -> None:
+    from dashclip_core.storage import RunPaths, read_json
+
+    cfg = PipelineConfig.from_file(config_path)
+    paths = RunPaths(cfg.storage_root(), DAG_ID, run_id, cfg.storage.s3_endpoint_url, cfg.cache_dir())
+    print(f"\n=== dashclip_nightly run {run_id} (config {config_path}) ===")
+    if wall is not None:
+        print(f"wall time: {wall:.0f} s")
+    print(f"\n{'task':24s} {'state':10s} {'seconds':>8s}")
+    for task_id, state, duration in task_states(run_id):
+        print(f"{task_id:24s} {state:10s} {duration if duration is not None else float('nan'):8.1f}")
+
+    def step(name: str) -> dict | None:
+        return read_json(paths.local(name) / "summary.json") if paths.is_done(name) else None
+
+    if (ev := step("evaluate")) is not None:
+        systems = ev["systems"]
+        keys = [k for k in next(iter(systems.values())) if not k.startswith("n_")]
+        print("\neval on held-out queries (%d):" % ev["n_eval_queries"])
+        print(f"{'system':20s} " + " ".join(f"{k:>22s}" for k in keys))
+        for name, m in systems.items():
+            print(f"{name:20s} " + " ".join(f"{_fmt(m.get(k)):>22s}" for k in keys))
+    if (idx := step("build_index")) is not None:
+        print(f"\nindex: {idx['factory']} with {idx['ntotal']} products (dim {idx['dim']}), recall@10 vs exact {idx['recall@10_vs_exact']:.3f}")
+    if (reg := step("register_model")) is not None:
+        aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(reg["aliases"].items()))
+        print(f"registered: {reg['model_name']} version {reg['version']} (aliases: {aliases}); {reg['decision']['reason']}")
+        for alias, version in sorted(reg["aliases"].items()):
+            if version == reg["version"]:
+                print(f"  -> {reg['model_name']}@{alias}")
+    if paths.is_done("evaluate"):
+        report = read_json(paths.local("evaluate") / "report.json")
+        print("\ntop-5 for sample queries:")
+        for q, hits in report["sample_queries"].items():
+            print(f"  {q!r}:")
+            for h in hits:
+                title = h["title"] or "(image-only product)"
+                print(f"      {h['product_id']}  {title}  [{h['category']}]")
+    print(f"\nrun folder: {paths.run_uri}")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    run_id = args.run_id or latest_run_id()
+    if run_id is None:
+        print("no DAG run found", file=sys.stderr)
+        return 1
+    print_summary(run_id, args.config)
+    return 0
+
+
+# ---- embed / search ----------------------------------------------------------------------------
+
+
+class RunFolderModel:
+    """The two encoders of a DAG run folder, behind the same predict() as the registered pyfunc."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from dashclip_core.registry.pyfunc_model import DashclipEncoders
+
+        class _Ctx:
+            artifacts = {"product_encoder": str(run_dir / "train_stage1" / "product_encoder"),
+                         "query_encoder": str(run_dir / "train_stage2" / "query_encoder")}
+
+        for p in _Ctx.artifacts.values():
+            if not Path(p).exists():
+                raise FileNotFoundError(f"{p} does not exist; --model must be a DAG run folder with train_stage1 and train_stage2")
+        self.model = DashclipEncoders()
+        self.model.load_context(_Ctx)
+
+    def predict(self, df):
+        return self.model.predict(None, df)
+
+
+def load_model(uri: str):
+    if uri.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        _mlflow_defaults()
+        return mlflow.pyfunc.load_model(uri)
+    return RunFolderModel(Path(uri))
+
+
+def _mlflow_defaults() -> None:
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or PipelineConfig().tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    df = pd.read_parquet(args.input)
+    required = ["query_id", "query"] if args.kind == "queries" else ["product_id"]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        print(f"{args.input}: missing column(s) {missing}; {args.kind} need {required}", file=sys.stderr)
+        return 2
+    out = load_model(args.model).predict(df)
+    id_col = "query_id" if args.kind == "queries" else "product_id"
+    table = pa.table({id_col: pa.array(out[id_col].tolist()),
+                      "embedding": pa.array([list(map(float, e)) for e in out["embedding"]], type=pa.list_(pa.float32()))})
+    tmp = Path(str(args.output) + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, args.output)  # never leave half a file at the output path
+    print(f"wrote {len(out)} {args.kind} embeddings to {args.output}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from dashclip_core.index.faiss_index import ProductIndex
+    from dashclip_core.storage import localize
+
+    _mlflow_defaults()
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(args.model_name, args.alias)
+    tags = version.tags
+    cfg = PipelineConfig()
+    index = ProductIndex.load(localize(tags["index_uri"], cfg.storage.s3_endpoint_url, cfg.cache_dir()))
+    model = load_model(f"models:/{args.model_name}@{args.alias}")
+    q = model.predict(pd.DataFrame({"query_id": ["q"], "query": [args.query]}))
+    import numpy as np
+
+    scores, ids = index.search(np.asarray(q["embedding"].tolist(), np.float32), args.k)
+    products = pd.read_parquet(localize(tags["catalog_snapshot"], cfg.storage.s3_endpoint_url, cfg.cache_dir()) / "products.parquet").set_index("product_id")
+    print(f"{args.model_name}@{args.alias} (v{version.version}) — {args.query!r}:")
+    for rank, (pid, score) in enumerate(zip(ids[0], scores[0]), 1):
+        row = products.loc[pid] if pid in products.index else None
+        title = row["title"] if row is not None and isinstance(row["title"], str) else "(image-only product)"
+        cat = row["category"] if row is not None else "?"
+        print(f"{rank:3d}. {score:.3f}  {pid}  {title}  [{cat}]")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO if os.environ.get("DASHCLIP_VERBOSE") else logging.WARNING)
+    parser = argparse.ArgumentParser(prog="dashclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="run DAG dashclip_nightly locally (airflow dags test) and print the summary")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--sample-size", dest="sample_size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--num-workers", dest="num_workers", type=int)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("summary", help="print the summary of a DAG run")
+    p.add_argument("--run-id")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("embed", help="embed products or queries with a registered model or a run folder")
+    p.add_argument("kind", choices=["products", "queries"])
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS or a DAG run folder")
+    p.add_argument("--input", required=True, type=Path)
+    p.add_argument("--output", required=True, type=Path)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("search", help="nearest products for a query with the champion's index")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--model-name", default="dashclip-demo")
+    p.add_argument("--alias", default="champion")
+    p.set_defaults(func=cmd_search)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

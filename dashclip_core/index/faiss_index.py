@@ -1,0 +1,275 @@
+"""FAISS product index: build, search, save/load, and recall against exact search.
+
+Product embeddings are L2-normalised, so inner product equals cosine similarity; every index is
+built with ``faiss.METRIC_INNER_PRODUCT`` from an ``index_factory`` string (``IndexConfig.factory``,
+e.g. ``"Flat"``, ``"HNSW32"``, ``"IVF256,Flat"``). FAISS positions (0..N-1) map to product ids
+through a list kept beside the index, so no ``IDMap`` wrapper is needed (and none is accepted:
+``IndexIDMap.add`` refuses plain ``add``).
+
+On disk (:meth:`ProductIndex.save`)::
+
+    index.faiss   faiss.write_index output
+    ids.parquet   position (int64) -> product_id (str)
+    meta.json     {"factory", "dim", "ntotal", "metric", "nprobe", "ef_search"}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from dashclip_core.config import IndexConfig
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "meta.json"
+NORM_WARN_TOL = 1e-3  # vectors further than this from unit norm make inner product differ from cosine
+
+
+def _as_matrix(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
+    """Check a (N, D) array of finite values and return it as contiguous float32.
+
+    Raises:
+        ValueError: not 2-D, empty, wrong D, or non-finite values (the message names the first bad row).
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (N, D), got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: empty array of shape {x.shape}; need at least one vector of dimension >= 1")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name}: dimension {x.shape[1]} does not match the index dimension {dim}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ValueError(f"{name}: {rows.size} row(s) hold NaN or inf values, first at row {int(rows[0])}")
+    return x
+
+
+def _apply_search_params(index: faiss.Index, factory: str, nprobe: int, ef_search: int) -> None:
+    """Set ``nprobe`` on IVF indexes (capped at nlist) and ``efSearch`` on HNSW indexes; no-op otherwise."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = int(min(nprobe, ivf.nlist))
+    if "HNSW" in factory.upper():
+        # ParameterSpace walks wrappers (PreTransform, Refine) down to the HNSW index.
+        faiss.ParameterSpace().set_index_parameter(index, "efSearch", int(ef_search))
+
+
+@dataclass
+class ProductIndex:
+    """A FAISS inner-product index plus the product id of each position.
+
+    Attributes:
+        index: the FAISS index (metric inner product).
+        product_ids: ``product_ids[i]`` is the product stored at FAISS position ``i``.
+        factory: the ``index_factory`` string it was built from.
+        nprobe: IVF probes used at search time (ignored by non-IVF indexes).
+        ef_search: HNSW search breadth (ignored by non-HNSW indexes).
+    """
+
+    index: faiss.Index
+    product_ids: list[str]
+    factory: str
+    nprobe: int = 16
+    ef_search: int = 64
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-k products by inner product for each query.
+
+        Args:
+            query_emb: (Q, D) query embeddings, L2-normalised.
+            k: results per query; capped at the number of indexed products.
+
+        Returns:
+            ``(scores, product_ids)``: scores is (Q, min(k, ntotal)) float32, best first;
+            ``product_ids[q]`` lists the ids in the same order. Approximate indexes may find fewer
+            than k results for a query: those slots are dropped from the id list and their scores
+            are ``-inf``.
+
+        Raises:
+            ValueError: ``k < 1``, or ``query_emb`` is not a finite (Q, D) array with this index's D.
+        """
+        if k < 1:
+            raise ValueError(f"search: k must be >= 1, got {k}")
+        query_emb = _as_matrix(query_emb, "query_emb", dim=self.dim)  # (Q, D)
+        scores, positions = self.index.search(query_emb, min(k, self.ntotal))  # (Q, k), (Q, k); -1 = no result
+        scores = np.where(positions < 0, -np.inf, scores).astype(np.float32)
+        ids = [[self.product_ids[p] for p in row if p >= 0] for row in positions]
+        return scores, ids
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``index.faiss``, ``ids.parquet`` and ``meta.json`` into ``out_dir`` (created if needed).
+
+        Returns:
+            The folder written.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(out / INDEX_FILE))
+        pd.DataFrame(
+            {"position": np.arange(self.ntotal, dtype=np.int64), "product_id": pd.Series(self.product_ids, dtype="string")}
+        ).to_parquet(out / IDS_FILE, index=False)
+        meta = {
+            "factory": self.factory,
+            "dim": self.dim,
+            "ntotal": self.ntotal,
+            "metric": "inner_product",
+            "nprobe": self.nprobe,
+            "ef_search": self.ef_search,
+        }
+        (out / META_FILE).write_text(json.dumps(meta, indent=2))
+        return out
+
+    @classmethod
+    def load(cls, in_dir: str | os.PathLike) -> "ProductIndex":
+        """Read an index written by :meth:`save` and re-apply its search parameters.
+
+        Raises:
+            FileNotFoundError: one of the three files is missing.
+            ValueError: the files disagree (dimension, count, or id positions).
+        """
+        folder = Path(in_dir)
+        for name in (INDEX_FILE, IDS_FILE, META_FILE):
+            if not (folder / name).exists():
+                raise FileNotFoundError(f"{folder / name} does not exist; expected a folder written by ProductIndex.save")
+        meta = json.loads((folder / META_FILE).read_text())
+        index = faiss.read_index(str(folder / INDEX_FILE))
+        ids = pd.read_parquet(folder / IDS_FILE)
+        if not (ids["position"].to_numpy() == np.arange(len(ids))).all():
+            raise ValueError(f"{folder / IDS_FILE}: column 'position' is not 0..{len(ids) - 1} in order")
+        if index.ntotal != len(ids) or index.ntotal != meta["ntotal"]:
+            raise ValueError(
+                f"{folder}: index holds {index.ntotal} vectors, {IDS_FILE} {len(ids)} ids, "
+                f"{META_FILE} says ntotal={meta['ntotal']}; the folder is inconsistent, rebuild the index"
+            )
+        if index.d != meta["dim"]:
+            raise ValueError(f"{folder}: index dimension {index.d} != {META_FILE} dim {meta['dim']}")
+        loaded = cls(
+            index=index,
+            product_ids=ids["product_id"].astype(str).tolist(),
+            factory=meta["factory"],
+            nprobe=int(meta["nprobe"]),
+            ef_search=int(meta["ef_search"]),
+        )
+        _apply_search_params(index, loaded.factory, loaded.nprobe, loaded.ef_search)
+        return loaded
+
+
+def build_index(embeddings: np.ndarray, product_ids: Sequence[str], cfg: IndexConfig) -> ProductIndex:
+    """Build a FAISS inner-product index over product embeddings.
+
+    Steps: (1) check the inputs; (2) ``faiss.index_factory(D, cfg.factory, METRIC_INNER_PRODUCT)``;
+    (3) train on all embeddings when the index needs training (IVF, PQ); (4) add the embeddings;
+    (5) set ``nprobe`` / ``efSearch`` where they apply.
+
+    Args:
+        embeddings: (N, D) L2-normalised product embeddings (cast to float32).
+        product_ids: N distinct ids; ``product_ids[i]`` belongs to ``embeddings[i]``.
+        cfg: ``factory``, ``nprobe`` and ``ef_search``.
+
+    Returns:
+        A :class:`ProductIndex`.
+
+    Raises:
+        ValueError: empty or non-finite embeddings, an id count that differs from N, duplicate ids,
+            an ``IDMap`` factory, an unparsable factory string, or too few vectors to train it.
+    """
+    # Step 1
+    embeddings = _as_matrix(embeddings, "embeddings")  # (N, D)
+    n, d = embeddings.shape
+    product_ids = [str(p) for p in product_ids]
+    if len(product_ids) != n:
+        raise ValueError(f"build_index: {len(product_ids)} product_ids for {n} embeddings; they must match one to one")
+    if len(set(product_ids)) != n:
+        dup = pd.Series(product_ids)[pd.Series(product_ids).duplicated()].iloc[0]
+        raise ValueError(f"build_index: product_ids are not unique (e.g. {dup!r}); an index holds each product once")
+    norms = np.linalg.norm(embeddings, axis=1)
+    if np.abs(norms - 1.0).max() > NORM_WARN_TOL:
+        logger.warning(
+            "build_index: embeddings are not unit norm (norms in [%.4f, %.4f]); inner product is not cosine",
+            norms.min(),
+            norms.max(),
+        )
+    if "IDMAP" in cfg.factory.upper():
+        raise ValueError(
+            f"index.factory {cfg.factory!r}: IDMap indexes are not supported; product ids are kept beside the index"
+        )
+
+    # Step 2
+    try:
+        index = faiss.index_factory(d, cfg.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"index.factory {cfg.factory!r} is not a valid faiss index_factory string: {exc}") from exc
+
+    # Step 3
+    if not index.is_trained:
+        try:
+            index.train(embeddings)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"index.factory {cfg.factory!r}: training on {n} vectors failed (too few for the number of "
+                f"centroids?); use a smaller factory such as 'Flat' or 'HNSW32': {exc}"
+            ) from exc
+
+    # Step 4 and 5
+    index.add(embeddings)
+    _apply_search_params(index, cfg.factory, cfg.nprobe, cfg.ef_search)
+    logger.info("built faiss index %r: %d vectors of dimension %d", cfg.factory, n, d)
+    return ProductIndex(
+        index=index, product_ids=product_ids, factory=cfg.factory, nprobe=cfg.nprobe, ef_search=cfg.ef_search
+    )
+
+
+def recall_at_k_vs_exact(index: ProductIndex, embeddings: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """Mean share of the exact top-k that ``index`` also returns in its top-k.
+
+    The exact answer comes from ``IndexFlatIP`` over the same embeddings, so a ``Flat`` index
+    scores 1.0.
+
+    Args:
+        index: the index to measure.
+        embeddings: (N, D) the vectors the index was built from, in the same order.
+        queries: (Q, D) query vectors.
+        k: cut-off; capped at N.
+
+    Returns:
+        recall@k in [0, 1], averaged over queries.
+
+    Raises:
+        ValueError: shapes disagree with the index, or inputs are empty / non-finite.
+    """
+    embeddings = _as_matrix(embeddings, "embeddings", dim=index.dim)  # (N, D)
+    queries = _as_matrix(queries, "queries", dim=index.dim)  # (Q, D)
+    if embeddings.shape[0] != index.ntotal:
+        raise ValueError(
+            f"recall_at_k_vs_exact: {embeddings.shape[0]} embeddings but the index holds {index.ntotal}; "
+            "pass the vectors the index was built from"
+        )
+    k = min(k, index.ntotal)
+    exact = faiss.IndexFlatIP(index.dim)
+    exact.add(embeddings)
+    _, exact_positions = exact.search(queries, k)  # (Q, k)
+    _, approx_ids = index.search(queries, k)
+    hits = [
+        len({index.product_ids[p] for p in truth} & set(found)) / k
+        for truth, found in zip(exact_positions, approx_ids)
+    ]
+    return float(np.mean(hits))

@@ -1,0 +1,50 @@
+"""Candidate (query, product) pairs and the combined label table.
+
+Candidates for a query: the products shoppers saw for it (search log), its BM25 top-k over the
+teacher's product text, and a few random products (negatives the log never shows). Queries of the
+held-out human 'eval' split are never candidates: their judgements are the evaluation set, and
+teacher labels on them would leak it into training.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from dashclip_core.config import LabelingConfig
+from dashclip_core.evaluation.bm25 import BM25Index
+from dashclip_core.labeling.teacher import teacher_text
+
+logger = logging.getLogger(__name__)
+
+
+def candidate_pairs(products: pd.DataFrame, search_log: pd.DataFrame, human: pd.DataFrame, cfg: LabelingConfig, seed: int = 0) -> pd.DataFrame:
+    """Distinct (query, product_id) pairs to label, excluding eval queries and human-labelled pairs."""
+    eval_queries = set(human.loc[human["split"] == "eval", "query"])
+    known = set(products["product_id"])
+    queries = sorted((set(search_log["query"]) | set(human["query"])) - eval_queries)
+    log_pairs = search_log[search_log["product_id"].isin(known) & ~search_log["query"].isin(eval_queries)][["query", "product_id"]]
+
+    ids = products["product_id"].tolist()
+    bm25 = BM25Index([teacher_text(r) for r in products.to_dict("records")], ids)
+    rng = np.random.default_rng(seed)
+    n_bm25 = max(0, cfg.candidates_per_query - cfg.random_candidates_per_query)
+    rows = []
+    for q in queries:
+        rows += [(q, p) for p in bm25.rank(q, n_bm25)]
+        rows += [(q, ids[i]) for i in rng.choice(len(ids), size=min(cfg.random_candidates_per_query, len(ids)), replace=False)]
+    cands = pd.concat([log_pairs, pd.DataFrame(rows, columns=["query", "product_id"])], ignore_index=True).drop_duplicates()
+    labelled = set(zip(human["query"], human["product_id"]))
+    keep = [(q, p) not in labelled for q, p in zip(cands["query"], cands["product_id"])]
+    return cands[keep].sort_values(["query", "product_id"]).reset_index(drop=True)
+
+
+def combine_labels(human: pd.DataFrame, teacher: pd.DataFrame) -> pd.DataFrame:
+    """One table: human labels (their own split) and teacher labels ('train'), with provenance."""
+    h = human[["query", "product_id", "label", "split"]].assign(source="human")
+    t = teacher[["query", "product_id", "label"]].assign(split="train", source="teacher")
+    out = pd.concat([h, t], ignore_index=True)
+    out["label"] = out["label"].astype(np.int8)
+    return out[["query", "product_id", "label", "source", "split"]]

@@ -1,0 +1,21 @@
+"""Losses: small ``nn.Module``s that turn embeddings (never the model) into a :class:`LossOutput`.
+
+Stage 1 (product encoders): :class:`ImageTextContrastiveLoss` (ITC) + :class:`ImageTextMatchingLoss` (ITM) with
+hard negatives from :func:`sample_itm_negatives`. Stage 2 (query encoder): :class:`QueryCatalogContrastiveLoss`.
+"""
+
+from dashclip_core.losses.contrastive import ImageTextContrastiveLoss
+from dashclip_core.losses.matching import ImageTextMatchingLoss, ITMNegatives, itm_labels, sample_itm_negatives
+from dashclip_core.losses.output import LossOutput
+from dashclip_core.losses.qcc import QueryCatalogContrastiveLoss, qcc_positive_mask
+
+__all__ = [
+    "ITMNegatives",
+    "ImageTextContrastiveLoss",
+    "ImageTextMatchingLoss",
+    "LossOutput",
+    "QueryCatalogContrastiveLoss",
+    "itm_labels",
+    "qcc_positive_mask",
+    "sample_itm_negatives",
+]

@@ -1,0 +1,126 @@
+"""The few Ray touch points: start/connect Ray, run a ``TorchTrainer``, save/restore checkpoints.
+
+Ray Train V2 (Ray 2.60): a run resumes when it is re-created with the same ``storage_path`` and
+``name``; each worker then reads ``ray.train.get_checkpoint()``. Every worker calls
+``ray.train.report`` the same number of times; only rank 0 attaches a checkpoint and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dashclip_core.config import PipelineConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+# Defaults for a local, single-machine Ray (see ../shared/STACK.md); an explicit environment wins.
+_LOCAL_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",  # otherwise token auth writes a token file under $HOME
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # each report() otherwise waits for a 2 s poll
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def ensure_ray(cfg: PipelineConfig) -> None:
+    """Connect to ``cfg.ray.address`` or start a local Ray with ``cfg.ray.num_cpus`` CPUs (once per process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+        return
+    for key, value in _LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {k: os.environ[k] for k in _LOCAL_RAY_ENV}})
+
+
+def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: PipelineConfig, name: str, storage_path: Path):
+    """Run ``train_fn`` on ``cfg.train.num_workers`` Ray workers and return the ``ray.train.Result``.
+
+    Args:
+        train_fn: per-worker loop (module-level function, importable on the workers).
+        loop_config: JSON-able dict given to every worker.
+        cfg: resolved pipeline config (scaling comes from ``cfg.train``).
+        name: run name; with ``storage_path`` it identifies the run, so a retry resumes it.
+        storage_path: where Ray keeps checkpoints (a local folder, or a URI Ray supports).
+    """
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(cfg)
+    scaling = ScalingConfig(
+        num_workers=cfg.train.num_workers,
+        use_gpu=cfg.train.use_gpu,
+        resources_per_worker={"CPU": 1},
+    )
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=RunConfig(name=name, storage_path=str(storage_path), checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
+
+
+def save_checkpoint(state: dict, metrics: dict) -> None:
+    """Report ``metrics``; rank 0 also attaches ``state`` as a checkpoint. Call on every worker."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
+def load_latest_checkpoint() -> dict | None:
+    """The state saved by :func:`save_checkpoint` in an earlier attempt of this run, if any."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+def read_checkpoint(result) -> dict:
+    with result.checkpoint.as_directory() as d:
+        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+class MetricsLogger:
+    """Per-step metrics to MLflow from rank 0 (``train/<name>``); a no-op without a run id."""
+
+    def __init__(self, tracking_uri: str, run_id: str, prefix: str, enabled: bool) -> None:
+        self.enabled = enabled and bool(run_id)
+        self.prefix, self.run_id = prefix, run_id
+        if self.enabled:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(f"{self.prefix}/{k}", float(v), now, step) for k, v in metrics.items()])

@@ -1,0 +1,214 @@
+"""Stage 1: continual pretraining of the BLIP-style product encoder with ITC + ITM (DashCLIP Sec. 3, BLIP Sec. 3.2).
+
+Layout follows Ray's torch examples: data -> model -> ``stage1_worker(config)`` -> launcher (``train_stage1``).
+The per-step math (``Stage1Model.forward``) runs without Ray too (tests call it directly).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from dashclip_core.config import PipelineConfig, per_worker_batch_size
+from dashclip_core.losses import ImageTextContrastiveLoss, ImageTextMatchingLoss, itm_labels, sample_itm_negatives
+from dashclip_core.models.encoders import ProductEncoder, count_parameters, save_encoder
+from dashclip_core.models.inputs import InputBuilder, product_text
+
+logger = logging.getLogger(__name__)
+
+PRODUCT_ENCODER_DIR = "product_encoder"
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+def stage1_pairs(products: pd.DataFrame) -> pd.DataFrame:
+    """Products with both an image and text (ITC/ITM need pairs), with an integer ``group_id``.
+
+    Items with identical product text share a group and are each other's positives in ITC and never
+    ITM negatives: a catalog lists the same item many times (sizes, sellers, photos of one class).
+    """
+    text = [product_text(t, d) for t, d in zip(products["title"], products["description"])]
+    keep = products["image_uri"].notna().to_numpy() & np.array([t is not None for t in text])
+    pairs = products.loc[keep, ["product_id", "title", "description", "image_uri"]].reset_index(drop=True)
+    keys = [product_text(t, d).lower() for t, d in zip(pairs["title"], pairs["description"])]
+    pairs["group_id"] = pd.factorize(pd.Series(keys))[0].astype(np.int64)
+    return pairs
+
+
+def shard_steps(n_rows: int, global_batch: int, world_size: int, rank: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Row indices for each step of this worker: a seeded shuffle per epoch, cut into global batches,
+    each global batch split into ``world_size`` equal slices. The last partial batch is dropped so every
+    worker runs the same number of steps (DDP needs matching collectives)."""
+    per_worker = per_worker_batch_size(global_batch, world_size)
+    order = np.random.default_rng(seed + epoch).permutation(n_rows)
+    steps = n_rows // (per_worker * world_size)
+    return [order[s * per_worker * world_size + rank * per_worker :][:per_worker] for s in range(steps)]
+
+
+# ---- model -------------------------------------------------------------------------------------
+
+
+class Stage1Model(nn.Module):
+    """Product encoder + the ITC temperature; ``forward`` returns both losses for one batch.
+
+    Everything that needs gradients runs inside ``forward`` so DistributedDataParallel sees it.
+    """
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        super().__init__()
+        self.encoder = ProductEncoder(cfg.model)
+        self.itc = ImageTextContrastiveLoss(cfg.loss.temperature, cfg.loss.learn_temperature)
+        self.itm = ImageTextMatchingLoss()
+        self.itm_weight = cfg.loss.itm_weight
+
+    def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, group_ids: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        image_emb, image_tokens = self.encoder.encode_image(pixels)  # (B, D), (B, N, H)
+        text_emb, text_states = self.encoder.encode_text(input_ids, attention_mask)  # (B, D), (B, T, H)
+        itc = self.itc(image_emb, text_emb, group_ids)
+
+        # ITM with hard negatives sampled from the ITC similarities (BLIP Sec. 3.2).
+        neg = sample_itm_negatives(self.itc.similarities(image_emb, text_emb).detach(), group_ids, generator)
+        v = neg.valid  # (B,) rows that have a negative (some other product is in the batch)
+        # Blocks: B positives (text_i, image_i); negative texts for images; negative images for texts.
+        states = torch.cat([text_states, text_states[neg.text_idx[v]], text_states[v]], dim=0)
+        masks = torch.cat([attention_mask, attention_mask[neg.text_idx[v]], attention_mask[v]], dim=0)
+        images = torch.cat([image_tokens, image_tokens[v], image_tokens[neg.image_idx[v]]], dim=0)
+        logits = self.encoder.itm_logits(states, masks, images)  # (B + 2*n_valid, 2)
+        itm = self.itm(logits, itm_labels(pixels.shape[0], 2 * int(v.sum()), device=logits.device))
+
+        loss = itc.loss + self.itm_weight * itm.loss
+        parts = {"loss": loss.detach(), "loss_itc": itc.loss.detach(), "loss_itm": itm.loss.detach(), **{k: v2 for k, v2 in itm.parts.items() if k != "loss_itm"}, "scale": itc.parts["scale"]}
+        return loss, parts
+
+
+def parameter_groups(model: nn.Module, cfg: PipelineConfig, lr: float) -> list[dict]:
+    """Pretrained tower weights at ``lr``; new heads (projections, fusion, ITM head, temperature) faster."""
+    tower, head = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (tower if ".image_tower." in f".{name}" or ".text_tower." in f".{name}" else head).append(p)
+    return [
+        {"params": tower, "lr": lr},
+        {"params": head, "lr": lr * cfg.train.head_lr_multiplier},
+    ]
+
+
+def build_stage1(cfg: PipelineConfig) -> Stage1Model:
+    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
+    return Stage1Model(cfg)
+
+
+# ---- per-worker loop ---------------------------------------------------------------------------
+
+
+def stage1_worker(config: dict) -> None:
+    """Ray Train loop: one call per worker. ``config`` = {"pipeline": cfg dict, "pairs": parquet path, "mlflow": {...}}."""
+    import ray.train
+    import ray.train.torch
+
+    from dashclip_core.training.ray_launcher import MetricsLogger, load_latest_checkpoint, save_checkpoint
+
+    cfg = PipelineConfig.from_dict(config["pipeline"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.train.torch_threads_per_worker)
+
+    pairs = pd.read_parquet(config["pairs"])
+    builder = InputBuilder(cfg.model)
+    model = build_stage1(cfg)
+    opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage1_lr), weight_decay=cfg.train.weight_decay)
+    start_epoch, step = 0, 0
+    state = load_latest_checkpoint()
+    if state is not None:  # a retried run resumes after its last finished epoch
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        logger.info("stage1 resumes at epoch %d (step %d)", start_epoch, step)
+    model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU)
+    device = ray.train.torch.get_device()
+    use_amp = device.type == "cuda"
+    mlflow_log = MetricsLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"], "stage1", enabled=rank == 0)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+
+    for epoch in range(start_epoch, cfg.train.stage1_epochs):
+        model.train()
+        sums: dict[str, float] = {}
+        t0, n_steps = time.time(), 0
+        for idx in shard_steps(len(pairs), cfg.train.stage1_batch_size, world, rank, cfg.train.seed, epoch):
+            rows = pairs.iloc[idx]
+            b = builder.products(rows["title"].tolist(), rows["description"].tolist(), rows["image_uri"].tolist())
+            group_ids = torch.as_tensor(rows["group_id"].to_numpy())
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, parts = model(b["pixels"].to(device), b["input_ids"].to(device), b["attention_mask"].to(device), group_ids.to(device), gen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"stage1: non-finite loss {loss.item()} at epoch {epoch} step {step}; lower train.stage1_lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            n_steps += 1
+            values = {k: float(v) for k, v in parts.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            mlflow_log.log(values, step)
+        metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        metrics.update(epoch=epoch, step=step, samples_per_s=n_steps * cfg.train.stage1_batch_size / max(time.time() - t0, 1e-9))
+        mlflow_log.log({f"epoch_{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch)
+        inner = model.module if hasattr(model, "module") else model
+        save_checkpoint({"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "config": config["pipeline"]}, metrics)
+
+
+# ---- launcher ----------------------------------------------------------------------------------
+
+
+def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray_storage: Path, ray_name: str, mlflow_run: dict) -> dict:
+    """Train the product encoder under Ray; write ``out_dir/product_encoder`` and return small metrics.
+
+    Args:
+        cfg: resolved config.
+        products: validated catalog snapshot.
+        out_dir: local staging folder of the step.
+        ray_storage / ray_name: identify the Ray run (a retry with the same pair resumes).
+        mlflow_run: {"tracking_uri", "run_id"} for per-step curves.
+    """
+    from dashclip_core.training.ray_launcher import fit, read_checkpoint
+
+    pairs = stage1_pairs(products)
+    if len(pairs) < cfg.train.stage1_batch_size:
+        raise ValueError(
+            f"stage1 needs at least train.stage1_batch_size={cfg.train.stage1_batch_size} products with image and text, "
+            f"the snapshot has {len(pairs)}"
+        )
+    pairs_path = out_dir / "stage1_pairs.parquet"
+    pairs.to_parquet(pairs_path, index=False)
+    t0 = time.time()
+    if cfg.train.stage1_epochs > 0:
+        result = fit(stage1_worker, {"pipeline": cfg.to_dict(), "pairs": str(pairs_path), "mlflow": mlflow_run}, cfg, ray_name, ray_storage)
+        state = read_checkpoint(result)
+        final_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    else:  # zero epochs: the untrained (initial) encoder, still a real model
+        state = {"model": build_stage1(cfg).state_dict()}
+        final_metrics = {}
+    model = build_stage1(cfg)
+    model.load_state_dict(state["model"])
+    save_encoder(model.encoder, cfg.model, out_dir / PRODUCT_ENCODER_DIR)
+    info = {
+        "n_pairs": len(pairs),
+        "n_groups": int(pairs["group_id"].nunique()),
+        "train_seconds": round(time.time() - t0, 1),
+        **{f"final_{k}": v for k, v in final_metrics.items()},
+        **count_parameters(model.encoder),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(info, indent=2))
+    return info
+

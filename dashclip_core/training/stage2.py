@@ -1,0 +1,169 @@
+"""Stage 2: train the text-only query encoder into the frozen product space with the QCC loss (DashCLIP Sec. 3).
+
+Anchors are products; each training row is (product, relevant query, grade 1/2). Negatives are the
+other queries in the batch plus up to ``HARD_NEGATIVES`` label-0 queries of the same product.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dashclip_core.config import PipelineConfig
+from dashclip_core.losses import QueryCatalogContrastiveLoss
+from dashclip_core.models.encoders import QueryEncoder, count_parameters, load_product_encoder, save_encoder
+from dashclip_core.models.inputs import InputBuilder, embed_products
+from dashclip_core.training.stage1 import parameter_groups, shard_steps
+
+logger = logging.getLogger(__name__)
+
+QUERY_ENCODER_DIR = "query_encoder"
+HARD_NEGATIVES = 2  # label-0 queries per anchor product
+
+
+class Stage2Model(torch.nn.Module):
+    """Query encoder + QCC loss (its optional learnable temperature is a parameter, so DDP syncs it)."""
+
+    def __init__(self, query_encoder: QueryEncoder, cfg: PipelineConfig) -> None:
+        super().__init__()
+        self.query_encoder = query_encoder
+        self.qcc = QueryCatalogContrastiveLoss(cfg.loss.qcc_temperature, cfg.loss.qcc_moderate_weight)
+
+    def forward(self, product_emb, input_ids, attention_mask, labels, positive_mask, n_hard: int, hard_mask):
+        """product_emb (B, D) frozen; queries: B positives then B*n_hard hard negatives, tokenised together."""
+        q = self.query_encoder(input_ids, attention_mask)  # (B + B*H, D)
+        b = product_emb.shape[0]
+        hard = q[b:].view(b, n_hard, -1) if n_hard else None  # (B, H, D)
+        out = self.qcc(product_emb, q[:b], labels, positive_mask=positive_mask, hard_neg_query_emb=hard, hard_neg_mask=hard_mask if n_hard else None)
+        return out.loss, out.parts
+
+
+def stage2_examples(labels: pd.DataFrame, product_index: dict[str, int]) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+    """Training rows (label >= 1, train split) and each product's label-0 queries (hard negatives)."""
+    train = labels[(labels["split"] == "train") & labels["product_id"].isin(product_index)]
+    pos = train[train["label"] >= 1][["query", "product_id", "label"]].drop_duplicates(["query", "product_id"]).reset_index(drop=True)
+    pos["product_idx"] = pos["product_id"].map(product_index).astype(np.int64)
+    neg = train[train["label"] == 0]
+    hard = {int(product_index[p]): sorted(set(g["query"])) for p, g in neg.groupby("product_id")}
+    return pos, hard
+
+
+def stage2_worker(config: dict) -> None:
+    """Ray Train loop. ``config`` = {"pipeline", "examples", "hard_negatives", "product_emb", "stage1_dir", "mlflow"}."""
+    import ray.train
+    import ray.train.torch
+
+    from dashclip_core.training.ray_launcher import MetricsLogger, load_latest_checkpoint, save_checkpoint
+
+    cfg = PipelineConfig.from_dict(config["pipeline"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.train.torch_threads_per_worker)
+
+    pos = pd.read_parquet(config["examples"])
+    hard = {int(k): v for k, v in json.loads(Path(config["hard_negatives"]).read_text()).items()}
+    product_emb = torch.from_numpy(np.load(config["product_emb"]))
+    positive_pairs = set(zip(pos["query"], pos["product_idx"]))
+    builder = InputBuilder(cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    product_encoder = load_product_encoder(Path(config["stage1_dir"]))
+    model = Stage2Model(QueryEncoder.from_product_encoder(product_encoder, cfg.model.text.trainable_layers), cfg)
+    del product_encoder
+    opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage2_lr), weight_decay=cfg.train.weight_decay)
+    start_epoch, step = 0, 0
+    state = load_latest_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    mlflow_log = MetricsLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"], "stage2", enabled=rank == 0)
+    rng = np.random.default_rng(cfg.train.seed * 7919 + rank)
+
+    for epoch in range(start_epoch, cfg.train.stage2_epochs):
+        model.train()
+        sums: dict[str, float] = {}
+        t0, n_steps = time.time(), 0
+        for idx in shard_steps(len(pos), cfg.train.stage2_batch_size, world, rank, cfg.train.seed + 17, epoch):
+            rows = pos.iloc[idx]
+            queries = rows["query"].tolist()
+            pidx = rows["product_idx"].to_numpy()
+            # positive_mask[i, j]: query j is known relevant to product i, so it is no negative for i.
+            pmask = torch.tensor([[(qj, int(pi)) in positive_pairs for qj in queries] for pi in pidx])
+            hard_q, hard_mask = [], []
+            for pi in pidx:
+                cands = hard.get(int(pi), [])
+                picks = list(rng.choice(cands, size=min(HARD_NEGATIVES, len(cands)), replace=False)) if cands else []
+                hard_mask.append([True] * len(picks) + [False] * (HARD_NEGATIVES - len(picks)))
+                hard_q.extend(picks + [""] * (HARD_NEGATIVES - len(picks)))  # padding rows are masked out
+            tok = builder.queries(queries + hard_q)
+            loss, parts = model(
+                product_emb[pidx].to(device), tok["input_ids"].to(device), tok["attention_mask"].to(device),
+                torch.as_tensor(rows["label"].to_numpy()).to(device), pmask.to(device), HARD_NEGATIVES, torch.tensor(hard_mask).to(device),
+            )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"stage2: non-finite loss {loss.item()} at epoch {epoch} step {step}; lower train.stage2_lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            n_steps += 1
+            values = {k: float(v) for k, v in parts.items() if torch.isfinite(v)}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            mlflow_log.log(values, step)
+        metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        metrics.update(epoch=epoch, step=step, samples_per_s=n_steps * cfg.train.stage2_batch_size / max(time.time() - t0, 1e-9))
+        mlflow_log.log({f"epoch_{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch)
+        inner = model.module if hasattr(model, "module") else model
+        save_checkpoint({"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step}, metrics)
+
+
+def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, stage1_dir: Path, out_dir: Path,
+                 ray_storage: Path, ray_name: str, mlflow_run: dict) -> dict:
+    """Embed the anchor products with the frozen stage-1 encoder, train the query encoder, write ``out_dir/query_encoder``."""
+    from dashclip_core.training.ray_launcher import fit, read_checkpoint
+
+    product_index = {p: i for i, p in enumerate(products["product_id"])}
+    pos, hard = stage2_examples(labels, product_index)
+    if len(pos) < cfg.train.stage2_batch_size:
+        raise ValueError(f"stage2 needs at least train.stage2_batch_size={cfg.train.stage2_batch_size} relevant (label>=1) train pairs, got {len(pos)}")
+    used = sorted(set(pos["product_idx"]))
+    torch.set_num_threads(max(1, cfg.ray.num_cpus))
+    encoder = load_product_encoder(stage1_dir)
+    emb = np.zeros((len(products), cfg.model.embed_dim), np.float32)
+    emb[used] = embed_products(encoder, InputBuilder(cfg.model), products.iloc[used])
+    del encoder
+    np.save(out_dir / "anchor_product_emb.npy", emb)
+    pos.to_parquet(out_dir / "stage2_examples.parquet", index=False)
+    (out_dir / "hard_negatives.json").write_text(json.dumps({str(k): v for k, v in hard.items()}))
+
+    t0 = time.time()
+    loop = {
+        "pipeline": cfg.to_dict(), "examples": str(out_dir / "stage2_examples.parquet"),
+        "hard_negatives": str(out_dir / "hard_negatives.json"), "product_emb": str(out_dir / "anchor_product_emb.npy"),
+        "stage1_dir": str(stage1_dir), "mlflow": mlflow_run,
+    }
+    product_encoder = load_product_encoder(stage1_dir)
+    model = Stage2Model(QueryEncoder.from_product_encoder(product_encoder, cfg.model.text.trainable_layers), cfg)
+    final_metrics: dict = {}
+    if cfg.train.stage2_epochs > 0:
+        result = fit(stage2_worker, loop, cfg, ray_name, ray_storage)
+        model.load_state_dict(read_checkpoint(result)["model"])
+        final_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    save_encoder(model.query_encoder, cfg.model, out_dir / QUERY_ENCODER_DIR)
+    (out_dir / "anchor_product_emb.npy").unlink()  # only the workers needed it; backfill writes the real table
+    info = {
+        "n_examples": len(pos), "n_products": len(used), "n_hard_negative_products": len(hard),
+        "train_seconds": round(time.time() - t0, 1),
+        **{f"final_{k}": v for k, v in final_metrics.items()}, **count_parameters(model.query_encoder),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(info, indent=2))
+    return info

@@ -1,0 +1,185 @@
+"""Label gate: checks on the (query, product, label) set before training uses it.
+
+Three groups of checks, each reported with its figures:
+
+1. Great Expectations on ``labels.parquet`` (CONTRACTS.md, "Labels"): ``label`` in {0, 1, 2} and
+   not null, ``query`` / ``product_id`` not null and not blank, one label per (query, product_id).
+2. Class balance: the share of each label value (0, 1, 2) lies in
+   [``LabelingConfig.min_class_fraction``, ``LabelingConfig.max_class_fraction``]. A value that never
+   occurs has share 0 and fails the lower bound.
+3. Teacher agreement on held-out human labels (``teacher_report.json``): ``accuracy >=
+   min_teacher_accuracy`` and Cohen's ``kappa >= min_teacher_kappa``.
+
+The gate passes when every check passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import great_expectations.expectations as gxe
+import pandas as pd
+
+from dashclip_core.config import LabelingConfig
+from dashclip_core.validation.catalog_gate import BLANK, failing_summary, run_expectations, to_jsonable
+
+logger = logging.getLogger(__name__)
+
+LABEL_VALUES = (0, 1, 2)  # irrelevant, moderately relevant, highly relevant
+REQUIRED_COLUMNS = ("query", "product_id", "label")
+
+
+@dataclass
+class LabelGateResult:
+    """Outcome of :func:`validate_labels`.
+
+    Attributes:
+        passed: every GX expectation, the class-balance check and the teacher check passed.
+        summary: JSON-serialisable: ``n_rows``, ``label_counts``, ``label_fractions``,
+            ``failing_expectations`` (GX, with a sample of bad ``query | product_id`` pairs),
+            ``class_balance`` and ``teacher`` (figures, bounds, passed) and ``failures`` (one
+            readable line per failed check).
+    """
+
+    passed: bool
+    summary: dict[str, Any]
+
+
+def validate_labels(labels: pd.DataFrame, teacher_report: dict[str, Any], cfg: LabelingConfig) -> LabelGateResult:
+    """Validate a label set and the teacher that produced part of it.
+
+    Args:
+        labels: frame with at least ``query``, ``product_id`` and ``label`` (int 0/1/2).
+        teacher_report: contents of ``teacher_report.json``; needs ``accuracy`` and ``kappa``.
+        cfg: gate thresholds (``min_class_fraction``, ``max_class_fraction``,
+            ``min_teacher_accuracy``, ``min_teacher_kappa``).
+
+    Returns:
+        A :class:`LabelGateResult`.
+
+    Raises:
+        ValueError: a required column or teacher-report key is missing or not a number.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in labels.columns]
+    if missing:
+        raise ValueError(
+            f"labels frame: missing column(s) {missing}; found {list(labels.columns)}; "
+            f"expected at least {list(REQUIRED_COLUMNS)} (CONTRACTS.md, labels.parquet)"
+        )
+    teacher = {}
+    for key in ("accuracy", "kappa"):
+        value = teacher_report.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(
+                f"teacher_report: key {key!r} is {value!r}; expected a number (CONTRACTS.md, teacher_report.json)"
+            )
+        teacher[key] = float(value)
+
+    labels = labels.reset_index(drop=True)
+    failures: list[str] = []
+
+    # Step 1: GX on the frame.
+    outcomes = run_expectations(
+        labels[list(REQUIRED_COLUMNS)],
+        [
+            gxe.ExpectColumnValuesToNotBeNull(column="label", meta={"check": "label_not_null"}),
+            gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(LABEL_VALUES), meta={"check": "label_in_set"}),
+            gxe.ExpectColumnValuesToNotBeNull(column="query", meta={"check": "query_not_null"}),
+            gxe.ExpectColumnValuesToNotMatchRegex(column="query", regex=BLANK, meta={"check": "query_not_blank"}),
+            gxe.ExpectColumnValuesToNotBeNull(column="product_id", meta={"check": "product_id_not_null"}),
+            gxe.ExpectCompoundColumnsToBeUnique(
+                column_list=["query", "product_id"], meta={"check": "query_product_unique"}
+            ),
+        ],
+        suite_name="label_gate",
+    )
+    pair_ids = [f"{q} | {p}" for q, p in zip(labels["query"].tolist(), labels["product_id"].tolist())]
+    failing = failing_summary(outcomes, pair_ids)
+    for f in failing:
+        failures.append(
+            f"{f['check']}: {f['unexpected_count']} bad row(s) in column {f['column']!r}, e.g. {f['sample_ids'][:3]}"
+        )
+
+    # Step 2: class balance over the rows whose label is a known value.
+    valid = labels["label"][labels["label"].isin(LABEL_VALUES)].astype(int)
+    n_valid = len(valid)
+    counts = {v: int((valid == v).sum()) for v in LABEL_VALUES}
+    fractions = {v: (counts[v] / n_valid if n_valid else 0.0) for v in LABEL_VALUES}
+    balance_bad = {
+        v: f for v, f in fractions.items() if not (cfg.min_class_fraction <= f <= cfg.max_class_fraction)
+    }
+    for v, f in balance_bad.items():
+        failures.append(
+            f"class_balance: label {v} is {f:.4f} of {n_valid} labels; expected a share in "
+            f"[{cfg.min_class_fraction}, {cfg.max_class_fraction}] (labeling.min_class_fraction / max_class_fraction)"
+        )
+
+    # Step 3: teacher agreement with held-out human labels (NaN never passes).
+    teacher_ok = {
+        "accuracy": math.isfinite(teacher["accuracy"]) and teacher["accuracy"] >= cfg.min_teacher_accuracy,
+        "kappa": math.isfinite(teacher["kappa"]) and teacher["kappa"] >= cfg.min_teacher_kappa,
+    }
+    bounds = {"accuracy": cfg.min_teacher_accuracy, "kappa": cfg.min_teacher_kappa}
+    for key, ok in teacher_ok.items():
+        if not ok:
+            failures.append(
+                f"teacher: {key} {teacher[key]:.4f} on held-out human labels is below "
+                f"labeling.min_teacher_{key} = {bounds[key]}"
+            )
+
+    passed = not failures
+    summary = {
+        "n_rows": len(labels),
+        "label_counts": {str(v): c for v, c in counts.items()},
+        "label_fractions": {str(v): f for v, f in fractions.items()},
+        "failing_expectations": failing,
+        "class_balance": {
+            "passed": not balance_bad,
+            "min_class_fraction": cfg.min_class_fraction,
+            "max_class_fraction": cfg.max_class_fraction,
+            "failing_labels": [str(v) for v in balance_bad],
+        },
+        "teacher": {
+            "passed": all(teacher_ok.values()),
+            "accuracy": teacher["accuracy"] if math.isfinite(teacher["accuracy"]) else None,
+            "kappa": teacher["kappa"] if math.isfinite(teacher["kappa"]) else None,
+            "min_teacher_accuracy": cfg.min_teacher_accuracy,
+            "min_teacher_kappa": cfg.min_teacher_kappa,
+            "n_holdout": to_jsonable(teacher_report.get("n_holdout")),
+        },
+        "failures": failures,
+    }
+    if passed:
+        logger.info(
+            "label gate passed: %d labels, fractions %s, teacher accuracy %.3f kappa %.3f",
+            len(labels),
+            summary["label_fractions"],
+            teacher["accuracy"],
+            teacher["kappa"],
+        )
+    else:
+        logger.warning("label gate failed: %s", "; ".join(failures))
+    return LabelGateResult(passed=passed, summary=summary)
+
+
+def write_label_gate_report(result: LabelGateResult, out_dir: str | os.PathLike) -> Path:
+    """Write ``report.json`` (``passed`` + the summary) into ``out_dir`` (created if needed).
+
+    Args:
+        result: output of :func:`validate_labels`.
+        out_dir: destination folder.
+
+    Returns:
+        The path of ``report.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "report.json"
+    report.write_text(json.dumps({"passed": result.passed, **result.summary}, indent=2, sort_keys=True))
+    return report

@@ -1,0 +1,281 @@
+"""One thin function per DAG step: read inputs by URI, call dashclip_core, write outputs, return small metadata.
+
+Each function takes the upstream steps' metadata dicts (for ordering and URIs) and Airflow's
+``params`` and ``run_id`` (injected by name from the task context; pass them yourself outside Airflow).
+Heavy libraries are imported inside the functions, never at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tasks.common import DAG_ID, fail, mlflow_run, ray_storage, resolve_config, run_paths, run_step
+
+logger = logging.getLogger(__name__)
+
+
+def _catalog_url(cfg) -> str:
+    """Catalog DB URL: an Airflow connection when configured, else the config (embedded DB by default)."""
+    from dashclip_core.catalog.snapshot import ensure_source_catalog
+
+    if cfg.catalog.airflow_conn_id:
+        from airflow.sdk import Connection
+
+        return Connection.get(cfg.catalog.airflow_conn_id).get_uri()
+    return ensure_source_catalog(cfg)
+
+
+def extract_catalog(params: dict | None = None, run_id: str | None = None) -> dict:
+    """SQL -> parquet snapshot (products, search log, human labels) with image URIs resolved."""
+    cfg = resolve_config(params)
+    paths = run_paths(cfg, run_id)
+
+    def body(out):
+        from dashclip_core.catalog.snapshot import extract_snapshot
+
+        return extract_snapshot(cfg, _catalog_url(cfg), out)
+
+    return run_step(paths, "extract_catalog", body)
+
+
+def validate_catalog(catalog: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    """Great Expectations gate: quarantine bad rows with reasons, keep the rest, stop the DAG if too many are bad."""
+    cfg = resolve_config(params)
+    paths = run_paths(cfg, run_id)
+
+    def body(out):
+        import pandas as pd
+
+        from dashclip_core.validation.catalog_gate import validate_catalog as gate, write_gate_outputs
+
+        result = gate(pd.read_parquet(paths.local("extract_catalog") / "products.parquet"), cfg.validation)
+        write_gate_outputs(result, out)
+        return {"passed": result.passed, "n_clean": len(result.clean), "n_quarantined": len(result.quarantine),
+                "failing": [f"{f.get('check')}:{f.get('column')}" for f in result.summary.get("failing_expectations", [])]}
+
+    summary = run_step(paths, "validate_catalog", body)
+    if not summary["passed"]:
+        fail(f"catalog gate failed: {summary['n_quarantined']} bad product rows ({', '.join(summary['failing'])}); "
+             f"see {summary['uri']}/quarantine.parquet and report.json")
+    return summary
+
+
+def label_pairs(catalog_gate: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    """Candidate pairs from the search log + BM25 + random; the teacher (trained on human labels) grades them 0/1/2."""
+    cfg = resolve_config(params)
+    paths = run_paths(cfg, run_id)
+
+    def body(out):
+        import pandas as pd
+
+        from dashclip_core.labeling.pairs import candidate_pairs, combine_labels
+        from dashclip_core.labeling.teacher import train_and_label
+        from dashclip_core.registry.mlflow_registry import log_metrics
+        from dashclip_core.storage import write_json
+
+        products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
+        snap = paths.local("extract_catalog")
+        log, human = pd.read_parquet(snap / "search_log.parquet"), pd.read_parquet(snap / "human_labels.parquet")
+        human = human[human["product_id"].isin(set(products["product_id"]))]
+        cands = candidate_pairs(products, log, human, cfg.labeling, seed=cfg.catalog.seed)
+        teacher, report = train_and_label(products, human, cands, cfg.labeling, seed=cfg.catalog.seed)
+        labels = combine_labels(human, teacher)
+        labels.to_parquet(out / "labels.parquet", index=False)
+        write_json(out / "teacher_report.json", report)
+        run = mlflow_run(cfg, paths.run_id)
+        log_metrics(cfg, run["run_id"], {"teacher/accuracy": report["accuracy"], "teacher/kappa": report["kappa"], "labels/n": len(labels)})
+        return {"n_labels": len(labels), "n_teacher_labels": len(teacher), "n_human_labels": len(human),
+                "teacher_accuracy": report["accuracy"], "teacher_kappa": report["kappa"]}
+
+    return run_step(paths, "label_pairs", body)
+
+
+def validate_labels(labels: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    """Gate: label domain, class balance bounds, teacher agreement >= threshold."""
+    cfg = resolve_config(params)
+    paths = run_paths(cfg, run_id)
+
+    def body(out):
+        import pandas as pd
+
+        from dashclip_core.storage import read_json
+        from dashclip_core.validation.label_gate import validate_labels as gate, write_label_gate_report
+
+        src = paths.local("label_pairs")
+        result = gate(pd.read_parquet(src / "labels.parquet"), read_json(src / "teacher_report.json"), cfg.labeling)
+        write_label_gate_report(result, out)
+        return {"passed": result.passed, "failures": result.summary.get("failures", [])}
+
+    summary = run_step(paths, "validate_labels", body)
+    if not summary["passed"]:
+        fail(f"label gate failed: {'; '.join(summary['failures'])}; see {summary['uri']}/report.json")
+    return summary
+
+
+def train_stage1(labels_gate: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    """Ray TorchTrainer: BLIP-style product encoder with ITC + ITM; checkpoint every epoch."""
+    cfg = resolve_config(params)
+    paths = run_paths(cfg, run_id)
+
+    def body(out):
+        import pandas as pd
+
+        from dashclip_core.registry.mlflow_registry import log_metrics
+        from dashclip_core.training.stage1 import train_stage1 as fit
+
+        products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
+        run = mlflow_run(cfg, paths.run_id)
+        info = fit(cfg, products, out, ray_storage(cfg, paths), "stage1", run)
+        log_metrics(cfg, run["run_id"], {f"stage1/{k}": v for k, v in info.items()})
+        return info
+
+    return run_step(paths, "train_stage1", body)
+
+
+def train_stage2(stage1: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    """Ray TorchTrainer: query encoder into the frozen product space with the QCC loss."""
+    cfg = resolve_config(params)
+    paths = run_paths(cfg, run_id)
+
+    def body(out):
+        import pandas as pd
+
+        from dashclip_core.registry.mlflow_registry import log_metrics
+        from dashclip_core.training.stage1 import PRODUCT_ENCODER_DIR
+        from dashclip_core.training.stage2 import train_stage2 as fit
+
+        products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
+        labels = pd.read_parquet(paths.local("label_pairs") / "labels.parquet")
+        run = mlflow_run(cfg, paths.run_id)
+        info = fit(cfg, products, labels, paths.local("train_stage1") / PRODUCT_ENCODER_DIR, out, ray_storage(cfg, paths), "stage2", run)
+        log_metrics(cfg, run["run_id"], {f"stage2/{k}": v for k, v in info.items()})
+        return info
+
+    return run_step(paths, "train_stage2", body)
+
+
+def backfill_embeddings(stage1: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    """Ray Data: product embeddings for the whole validated snapshot -> embeddings.parquet."""
+    cfg = resolve_config(params)
+    paths = run_paths(cfg, run_id)
+
+    def body(out):
+        import pandas as pd
+
+        from dashclip_core.backfill.embed import backfill_embeddings as backfill
+        from dashclip_core.training.stage1 import PRODUCT_ENCODER_DIR
+
+        products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
+        return backfill(cfg, products, paths.local("train_stage1") / PRODUCT_ENCODER_DIR, out / "embeddings.parquet")
+
+    return run_step(paths, "backfill_embeddings", body)
+
+
+def validate_embeddings(embeddings: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    """Gate: dimension, finite values, unit norm, one row per product."""
+    cfg = resolve_config(params)
+    paths = run_paths(cfg, run_id)
+
+    def body(out):
+        import pandas as pd
+
+        from dashclip_core.validation.embedding_gate import validate_embeddings as gate, write_embedding_gate_report
+
+        emb = pd.read_parquet(paths.local("backfill_embeddings") / "embeddings.parquet")
+        ids = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet", columns=["product_id"])["product_id"]
+        result = gate(emb, ids, cfg.model.embed_dim)
+        write_embedding_gate_report(result, out)
+        return {"passed": result.passed, "failing": [f"{f.get('check')}:{f.get('column')}" for f in result.summary.get("failing_expectations", [])]}
+
+    summary = run_step(paths, "validate_embeddings", body)
+    if not summary["passed"]:
+        fail(f"embedding gate failed: {', '.join(summary['failing'])}; see {summary['uri']}/report.json")
+    return summary
+
+
+def build_index(embeddings_gate: dict, stage2: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    """FAISS index (factory string from config) + id map; recall@10 against exact search on real queries."""
+    cfg = resolve_config(params)
+    paths = run_paths(cfg, run_id)
+
+    def body(out):
+        import pandas as pd
+
+        from dashclip_core.backfill.embed import read_embeddings
+        from dashclip_core.evaluation.report import trained_query_embeddings
+        from dashclip_core.index.faiss_index import build_index as build, recall_at_k_vs_exact
+        from dashclip_core.training.stage2 import QUERY_ENCODER_DIR
+
+        ids, matrix = read_embeddings(paths.local("backfill_embeddings") / "embeddings.parquet")
+        index = build(matrix, ids, cfg.index)
+        index.save(out)
+        labels = pd.read_parquet(paths.local("label_pairs") / "labels.parquet", columns=["query"])
+        queries = sorted(labels["query"].unique())[: cfg.index.recall_queries]
+        q = trained_query_embeddings(paths.local("train_stage2") / QUERY_ENCODER_DIR, cfg, queries)
+        recall = recall_at_k_vs_exact(index, matrix, q, k=10)
+        return {"factory": cfg.index.factory, "ntotal": index.ntotal, "dim": index.dim, "recall@10_vs_exact": recall, "n_recall_queries": len(queries)}
+
+    return run_step(paths, "build_index", body)
+
+
+def evaluate(index: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    """NDCG@10, Recall@10/50 on held-out queries vs BM25 and the untrained encoders; category accuracy."""
+    cfg = resolve_config(params)
+    paths = run_paths(cfg, run_id)
+
+    def body(out):
+        import pandas as pd
+
+        from dashclip_core.backfill.embed import read_embeddings
+        from dashclip_core.evaluation.report import evaluate as run_eval
+        from dashclip_core.registry.mlflow_registry import log_artifact_dir, log_metrics
+        from dashclip_core.storage import write_json
+        from dashclip_core.training.stage2 import QUERY_ENCODER_DIR
+
+        products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
+        labels = pd.read_parquet(paths.local("label_pairs") / "labels.parquet")
+        ids, matrix = read_embeddings(paths.local("backfill_embeddings") / "embeddings.parquet")
+        report = run_eval(cfg, products, labels, ids, matrix, paths.local("train_stage2") / QUERY_ENCODER_DIR)
+        write_json(out / "report.json", report)
+        run = mlflow_run(cfg, paths.run_id)
+        log_metrics(cfg, run["run_id"], {f"eval/{s}/{k}": v for s, m in report["systems"].items() for k, v in m.items() if v is not None})
+        log_artifact_dir(cfg, run["run_id"], out, "evaluation")
+        return {"systems": report["systems"], "n_eval_queries": report["n_eval_queries"]}
+
+    return run_step(paths, "evaluate", body)
+
+
+def register_model(evaluation: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    """MLflow pyfunc with both encoders -> registry; alias `challenger`, `champion` if it wins on this eval set."""
+    cfg = resolve_config(params)
+    paths = run_paths(cfg, run_id)
+
+    def body(out):
+        import pandas as pd
+
+        from dashclip_core.evaluation.report import eval_judgments, score_model_uri
+        from dashclip_core.registry import mlflow_registry as reg
+        from dashclip_core.storage import read_json
+        from dashclip_core.training.stage1 import PRODUCT_ENCODER_DIR
+        from dashclip_core.training.stage2 import QUERY_ENCODER_DIR
+
+        run = mlflow_run(cfg, paths.run_id)
+        products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
+        labels = pd.read_parquet(paths.local("label_pairs") / "labels.parquet")
+        report = read_json(paths.local("evaluate") / "report.json")
+        tags = {
+            "dag_id": DAG_ID, "catalog_snapshot": paths.uri("extract_catalog"), "index_uri": paths.uri("build_index"),
+            "report_uri": paths.uri("evaluate"), "config_fingerprint": cfg.fingerprint(), "config_name": cfg.name,
+            "config_path": (params or {}).get("config_path") or "configs/demo.yaml",
+        }
+        example = pd.DataFrame({"query_id": ["q1"], "query": ["oat milk"]})
+        version, created = reg.register_model(cfg, run["run_id"], paths.run_id, paths.local("train_stage1") / PRODUCT_ENCODER_DIR,
+                                              paths.local("train_stage2") / QUERY_ENCODER_DIR, tags, input_example=example)
+        metric = cfg.registry.promotion_metric
+        judgments = eval_judgments(labels)
+        decision = reg.promote(cfg, version, float(report["systems"]["dashclip"][metric]),
+                               lambda uri: score_model_uri(uri, cfg, products, judgments, metric))
+        return {"model_name": cfg.registry.model_name, "version": version, "created": created, "decision": decision,
+                "aliases": decision["aliases"], "mlflow_run_id": run["run_id"]}
+
+    return run_step(paths, "register_model", body)
