@@ -34,7 +34,7 @@ class CatalogConfig:
     source: str = "demo"  # "demo": generate the embedded demo catalog | "grocery": import GroceryStoreDataset | "sql": use db_url as is
     db_url: str = ""  # SQLAlchemy URL of the catalog DB; empty -> sqlite:///<home>/catalog/<pipeline name>.db
     airflow_conn_id: str = ""  # when set, the catalog DB URL comes from this Airflow connection instead of db_url
-    grocery_root: str = "${DASHCLIP_GROCERY_ROOT:-../shared/data/grocery_store}"  # relative paths resolve against the project root
+    grocery_root: str = "../shared/data/grocery_store"  # relative paths resolve against the project root; configs/grocery.yaml reads $DASHCLIP_GROCERY_ROOT
     demo_num_products: int = 480  # size of the generated demo catalog
     demo_image_only_fraction: float = 0.12  # demo products with no title/description (found by image alone)
     demo_text_only_fraction: float = 0.08  # demo products with no image

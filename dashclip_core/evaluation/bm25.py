@@ -68,7 +68,9 @@ class BM25Index:
                 docs_tf = postings.setdefault(term, ([], []))
                 docs_tf[0].append(doc)
                 docs_tf[1].append(tf)
-        self._postings = {t: (np.array(d, dtype=np.int64), np.array(f, dtype=np.float64)) for t, (d, f) in postings.items()}
+        self._postings = {
+            t: (np.array(d, dtype=np.int64), np.array(f, dtype=np.float64)) for t, (d, f) in postings.items()
+        }
         self._idf = {
             t: math.log(1.0 + (self.n_indexed - len(d) + 0.5) / (len(d) + 0.5)) for t, (d, _) in self._postings.items()
         }

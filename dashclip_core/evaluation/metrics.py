@@ -171,7 +171,9 @@ def category_accuracy(
     train_emb = np.asarray(train_emb, dtype=np.float64)
     test_emb = np.asarray(test_emb, dtype=np.float64)
     if train_emb.ndim != 2 or test_emb.ndim != 2 or train_emb.shape[1] != test_emb.shape[1]:
-        raise ValueError(f"category_accuracy: need (N, D) and (M, D) arrays, got {train_emb.shape} and {test_emb.shape}")
+        raise ValueError(
+            f"category_accuracy: need (N, D) and (M, D) arrays, got {train_emb.shape} and {test_emb.shape}"
+        )
     if len(train_emb) == 0 or len(test_emb) == 0:
         raise ValueError(f"category_accuracy: empty input (train {len(train_emb)} rows, test {len(test_emb)} rows)")
     if len(train_labels) != len(train_emb) or len(test_labels) != len(test_emb):

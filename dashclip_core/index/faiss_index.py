@@ -125,7 +125,10 @@ class ProductIndex:
         out.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(out / INDEX_FILE))
         pd.DataFrame(
-            {"position": np.arange(self.ntotal, dtype=np.int64), "product_id": pd.Series(self.product_ids, dtype="string")}
+            {
+                "position": np.arange(self.ntotal, dtype=np.int64),
+                "product_id": pd.Series(self.product_ids, dtype="string"),
+            }
         ).to_parquet(out / IDS_FILE, index=False)
         meta = {
             "factory": self.factory,
@@ -139,7 +142,7 @@ class ProductIndex:
         return out
 
     @classmethod
-    def load(cls, in_dir: str | os.PathLike) -> "ProductIndex":
+    def load(cls, in_dir: str | os.PathLike) -> ProductIndex:
         """Read an index written by :meth:`save` and re-apply its search parameters.
 
         Raises:
@@ -149,7 +152,9 @@ class ProductIndex:
         folder = Path(in_dir)
         for name in (INDEX_FILE, IDS_FILE, META_FILE):
             if not (folder / name).exists():
-                raise FileNotFoundError(f"{folder / name} does not exist; expected a folder written by ProductIndex.save")
+                raise FileNotFoundError(
+                    f"{folder / name} does not exist; expected a folder written by ProductIndex.save"
+                )
         meta = json.loads((folder / META_FILE).read_text())
         index = faiss.read_index(str(folder / INDEX_FILE))
         ids = pd.read_parquet(folder / IDS_FILE)
@@ -269,7 +274,6 @@ def recall_at_k_vs_exact(index: ProductIndex, embeddings: np.ndarray, queries: n
     _, exact_positions = exact.search(queries, k)  # (Q, k)
     _, approx_ids = index.search(queries, k)
     hits = [
-        len({index.product_ids[p] for p in truth} & set(found)) / k
-        for truth, found in zip(exact_positions, approx_ids)
+        len({index.product_ids[p] for p in truth} & set(found)) / k for truth, found in zip(exact_positions, approx_ids)
     ]
     return float(np.mean(hits))

@@ -214,8 +214,7 @@ class CatalogGateResult:
 
 def read_local_bytes(uri: str) -> bytes:
     """Default image reader: the bytes of a local file (``file://`` prefix allowed)."""
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
+    uri = uri.removeprefix("file://")
     return Path(uri).read_bytes()
 
 
@@ -293,16 +292,14 @@ def validate_catalog(
 
     titles = products["title"].astype(object).where(products["title"].notna(), None)
     has_title = titles.map(lambda t: isinstance(t, str) and t.strip() != "")
-    image_readable = pd.Series(
-        [None if uris[i] is None else i not in image_error for i in range(n_rows)], dtype=object
-    )
+    image_readable = pd.Series([None if uris[i] is None else i not in image_error for i in range(n_rows)], dtype=object)
     frame = pd.DataFrame(
         {
             "product_id": products["product_id"],
             "title": titles,
             "category": products["category"],
             "image_readable": image_readable,
-            "has_title_or_image": has_title | (image_readable == True),  # noqa: E712 - object column of True/False/None
+            "has_title_or_image": has_title | image_readable.map(lambda r: r is True),
         }
     )
 
@@ -310,12 +307,16 @@ def validate_catalog(
         frame,
         [
             gxe.ExpectColumnValuesToNotBeNull(column="product_id", meta={"check": "product_id_not_null"}),
-            gxe.ExpectColumnValuesToNotMatchRegex(column="product_id", regex=BLANK, meta={"check": "product_id_not_blank"}),
+            gxe.ExpectColumnValuesToNotMatchRegex(
+                column="product_id", regex=BLANK, meta={"check": "product_id_not_blank"}
+            ),
             gxe.ExpectColumnValuesToBeUnique(column="product_id", meta={"check": "product_id_unique"}),
             gxe.ExpectColumnValuesToNotMatchRegex(column="title", regex=BLANK, meta={"check": "title_not_blank"}),
             gxe.ExpectColumnValuesToNotBeNull(column="category", meta={"check": "category_not_null"}),
             gxe.ExpectColumnValuesToNotMatchRegex(column="category", regex=BLANK, meta={"check": "category_not_blank"}),
-            gxe.ExpectColumnValuesToBeInSet(column="image_readable", value_set=[True], meta={"check": "image_readable"}),
+            gxe.ExpectColumnValuesToBeInSet(
+                column="image_readable", value_set=[True], meta={"check": "image_readable"}
+            ),
             gxe.ExpectColumnValuesToBeInSet(
                 column="has_title_or_image", value_set=[True], meta={"check": "has_title_or_image"}
             ),
@@ -333,7 +334,9 @@ def validate_catalog(
         "category_not_null": lambda i: "category is missing",
         "category_not_blank": lambda i: "category is empty",
         "image_readable": lambda i: f"image unreadable: {uris[i]}: {image_error.get(i, 'unknown error')}",
-        "has_title_or_image": lambda i: "no title and no image" if uris[i] is None else "no title and no readable image",
+        "has_title_or_image": lambda i: (
+            "no title and no image" if uris[i] is None else "no title and no readable image"
+        ),
     }
     reasons: dict[int, list[str]] = {}
     for check, outcome in outcomes.items():

@@ -118,7 +118,9 @@ def validate_embeddings(
         [
             gxe.ExpectColumnValuesToNotBeNull(column="product_id", meta={"check": "product_id_not_null"}),
             gxe.ExpectColumnValuesToBeUnique(column="product_id", meta={"check": "product_id_unique"}),
-            gxe.ExpectColumnValuesToBeInSet(column="is_expected", value_set=[True], meta={"check": "product_id_expected"}),
+            gxe.ExpectColumnValuesToBeInSet(
+                column="is_expected", value_set=[True], meta={"check": "product_id_expected"}
+            ),
             gxe.ExpectTableRowCountToEqual(value=len(expected), meta={"check": "one_row_per_expected_id"}),
             gxe.ExpectColumnValuesToBeInSet(column="embedding_dim", value_set=[dim], meta={"check": "dimension"}),
             gxe.ExpectColumnValuesToBeInSet(column="is_finite", value_set=[True], meta={"check": "finite"}),
@@ -129,7 +131,7 @@ def validate_embeddings(
         suite_name="embedding_gate",
     )
 
-    missing_ids = sorted(expected - set(i for i in ids if i is not None))
+    missing_ids = sorted(expected - {i for i in ids if i is not None})
     failing = failing_summary(outcomes, ids.tolist())
     for f in failing:
         if f["check"] == "one_row_per_expected_id":  # table-level: no rows to sample, show missing ids

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,8 @@ def validate_labels(labels: pd.DataFrame, teacher_report: dict[str, Any], cfg: L
         A :class:`LabelGateResult`.
 
     Raises:
-        ValueError: a required column or teacher-report key is missing or not a number.
+        ValueError: a required column is missing.
+        TypeError: the teacher report's ``accuracy`` or ``kappa`` is missing or not a number.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in labels.columns]
     if missing:
@@ -75,8 +77,8 @@ def validate_labels(labels: pd.DataFrame, teacher_report: dict[str, Any], cfg: L
     teacher = {}
     for key in ("accuracy", "kappa"):
         value = teacher_report.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real admits numpy scalars
+            raise TypeError(
                 f"teacher_report: key {key!r} is {value!r}; expected a number (CONTRACTS.md, teacher_report.json)"
             )
         teacher[key] = float(value)
@@ -89,7 +91,9 @@ def validate_labels(labels: pd.DataFrame, teacher_report: dict[str, Any], cfg: L
         labels[list(REQUIRED_COLUMNS)],
         [
             gxe.ExpectColumnValuesToNotBeNull(column="label", meta={"check": "label_not_null"}),
-            gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(LABEL_VALUES), meta={"check": "label_in_set"}),
+            gxe.ExpectColumnValuesToBeInSet(
+                column="label", value_set=list(LABEL_VALUES), meta={"check": "label_in_set"}
+            ),
             gxe.ExpectColumnValuesToNotBeNull(column="query", meta={"check": "query_not_null"}),
             gxe.ExpectColumnValuesToNotMatchRegex(column="query", regex=BLANK, meta={"check": "query_not_blank"}),
             gxe.ExpectColumnValuesToNotBeNull(column="product_id", meta={"check": "product_id_not_null"}),
@@ -111,9 +115,7 @@ def validate_labels(labels: pd.DataFrame, teacher_report: dict[str, Any], cfg: L
     n_valid = len(valid)
     counts = {v: int((valid == v).sum()) for v in LABEL_VALUES}
     fractions = {v: (counts[v] / n_valid if n_valid else 0.0) for v in LABEL_VALUES}
-    balance_bad = {
-        v: f for v, f in fractions.items() if not (cfg.min_class_fraction <= f <= cfg.max_class_fraction)
-    }
+    balance_bad = {v: f for v, f in fractions.items() if not (cfg.min_class_fraction <= f <= cfg.max_class_fraction)}
     for v, f in balance_bad.items():
         failures.append(
             f"class_balance: label {v} is {f:.4f} of {n_valid} labels; expected a share in "

@@ -75,8 +75,11 @@ def test_class_balance_bounds() -> None:
 
 @pytest.mark.parametrize(
     ("teacher", "bad"),
-    [({"accuracy": 0.55, "kappa": 0.6}, "accuracy"), ({"accuracy": 0.9, "kappa": 0.3}, "kappa"),
-     ({"accuracy": 0.9, "kappa": float("nan")}, "kappa")],
+    [
+        ({"accuracy": 0.55, "kappa": 0.6}, "accuracy"),
+        ({"accuracy": 0.9, "kappa": 0.3}, "kappa"),
+        ({"accuracy": 0.9, "kappa": float("nan")}, "kappa"),
+    ],
 )
 def test_teacher_agreement_thresholds(teacher: dict, bad: str) -> None:
     result = validate_labels(make_labels(), teacher, CFG)
@@ -89,7 +92,7 @@ def test_teacher_agreement_thresholds(teacher: dict, bad: str) -> None:
 
 
 def test_missing_teacher_key_or_column_raises() -> None:
-    with pytest.raises(ValueError, match="key 'kappa'"):
+    with pytest.raises(TypeError, match="key 'kappa'"):
         validate_labels(make_labels(), {"accuracy": 0.9}, CFG)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['label'\]"):
         validate_labels(make_labels().drop(columns="label"), GOOD_TEACHER, CFG)

@@ -1,0 +1,60 @@
+"""Session-wide environment: every store (catalog, runs, MLflow, Airflow, Ray) in a temp folder, offline.
+
+Set before Airflow, Ray or MLflow are imported by any test module.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_HOME = Path(tempfile.mkdtemp(prefix="dashclip-test-"))
+
+os.environ.update({
+    "DASHCLIP_HOME": str(_HOME),
+    "AIRFLOW_HOME": str(_HOME / "airflow"),
+    "AIRFLOW_CONFIG": str(ROOT / "airflow.cfg"),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME / 'airflow' / 'airflow.db'}",
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    "MLFLOW_TRACKING_URI": f"sqlite:///{_HOME / 'mlflow' / 'mlflow.db'}",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+})
+(_HOME / "airflow").mkdir(parents=True, exist_ok=True)
+(_HOME / "mlflow").mkdir(parents=True, exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def dashclip_home() -> Path:
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated Airflow metadata DB (SQLite) for DagBag / dag.test()."""
+    db = _HOME / "airflow" / "airflow.db"
+    if not db.exists():
+        airflow = Path(sys.executable).with_name("airflow")
+        out = subprocess.run([str(airflow), "db", "migrate"], capture_output=True, text=True, env=os.environ.copy())
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return db
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Path:
+    return ROOT / "configs" / "tiny.yaml"

@@ -1,0 +1,117 @@
+"""Tests for the FAISS product index: exactness, ANN recall, persistence, input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dashclip_core.config import IndexConfig
+from dashclip_core.index.faiss_index import ProductIndex, build_index, recall_at_k_vs_exact
+
+DIM = 32
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def clustered() -> tuple[np.ndarray, list[str], np.ndarray]:
+    """2000 unit vectors around 40 centres (ANN recall is only meaningful on clustered data) + 100 queries."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, DIM))
+    points = unit(centres[rng.integers(0, 40, 2000)] + 0.3 * rng.standard_normal((2000, DIM)))
+    queries = unit(centres[rng.integers(0, 40, 100)] + 0.3 * rng.standard_normal((100, DIM)))
+    return points, [f"p{i:05d}" for i in range(2000)], queries
+
+
+def test_flat_is_exact(clustered) -> None:
+    points, ids, queries = clustered
+    index = build_index(points, ids, IndexConfig(factory="Flat"))
+
+    assert recall_at_k_vs_exact(index, points, queries, k=10) == 1.0
+    scores, found = index.search(points[:5], k=3)
+    assert scores.shape == (5, 3)
+    assert [row[0] for row in found] == ids[:5]  # each vector is its own nearest neighbour
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 0).all()  # best first
+
+
+def test_hnsw_recall_on_clustered_data(clustered) -> None:
+    points, ids, queries = clustered
+    index = build_index(points, ids, IndexConfig(factory="HNSW32", ef_search=64))
+
+    assert recall_at_k_vs_exact(index, points, queries, k=10) >= 0.9
+
+
+def test_ivf_nprobe_is_applied_and_capped_at_nlist(clustered) -> None:
+    points, ids, queries = clustered
+    index = build_index(points, ids, IndexConfig(factory="IVF8,Flat", nprobe=16))
+
+    import faiss
+
+    assert faiss.extract_index_ivf(index.index).nprobe == 8  # all lists probed: exhaustive
+    assert recall_at_k_vs_exact(index, points, queries, k=10) == 1.0
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF8,Flat"])
+def test_save_load_round_trip_gives_identical_search(clustered, tmp_path: Path, factory: str) -> None:
+    points, ids, queries = clustered
+    cfg = IndexConfig(factory=factory, nprobe=4, ef_search=40)
+    index = build_index(points, ids, cfg)
+    scores, found = index.search(queries, k=10)
+
+    index.save(tmp_path / "index")
+    loaded = ProductIndex.load(tmp_path / "index")
+    loaded_scores, loaded_found = loaded.search(queries, k=10)
+
+    np.testing.assert_array_equal(loaded_scores, scores)
+    assert loaded_found == found
+    meta = json.loads((tmp_path / "index" / "meta.json").read_text())
+    assert meta["factory"] == factory and meta["dim"] == DIM and meta["ntotal"] == 2000
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["ids.parquet", "index.faiss", "meta.json"]
+
+
+def test_k_larger_than_catalog_returns_every_product() -> None:
+    points = unit(np.random.default_rng(1).standard_normal((3, DIM)))
+    index = build_index(points, ["a", "b", "c"], IndexConfig())
+
+    scores, found = index.search(points[:1], k=10)
+
+    assert scores.shape == (1, 3) and sorted(found[0]) == ["a", "b", "c"]
+
+
+def test_input_errors(clustered, tmp_path: Path) -> None:
+    points, ids, queries = clustered
+    cfg = IndexConfig()
+    with pytest.raises(ValueError, match="empty"):
+        build_index(np.zeros((0, DIM), np.float32), [], cfg)
+    with pytest.raises(ValueError, match="3 product_ids for 2000 embeddings"):
+        build_index(points, ids[:3], cfg)
+    with pytest.raises(ValueError, match="not unique"):
+        build_index(points, ["same"] * len(points), cfg)
+    bad = points.copy()
+    bad[17, 3] = np.nan
+    with pytest.raises(ValueError, match="first at row 17"):
+        build_index(bad, ids, cfg)
+    with pytest.raises(ValueError, match="not a valid faiss index_factory"):
+        build_index(points, ids, IndexConfig(factory="NoSuchIndex"))
+    with pytest.raises(ValueError, match="IDMap"):
+        build_index(points, ids, IndexConfig(factory="IDMap,Flat"))
+    with pytest.raises(ValueError, match="training on 20 vectors failed"):
+        build_index(points[:20], ids[:20], IndexConfig(factory="IVF64,Flat"))
+
+    index = build_index(points, ids, cfg)
+    with pytest.raises(ValueError, match="dimension 16 does not match the index dimension 32"):
+        index.search(queries[:, :16], k=5)
+    with pytest.raises(ValueError, match="2-D"):
+        index.search(queries[0], k=5)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        index.search(queries, k=0)
+    with pytest.raises(ValueError, match="100 embeddings but the index holds 2000"):
+        recall_at_k_vs_exact(index, points[:100], queries)
+    with pytest.raises(FileNotFoundError, match="index.faiss"):
+        ProductIndex.load(tmp_path)
