@@ -31,7 +31,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -47,7 +47,7 @@ ANNOTATORS = ("a1", "a2", "a3", "a4", "a5")
 EVAL_FRACTION = 0.2  # share of the queries of each kind held out as 'eval'
 LABEL_NOISE = 0.08  # share of human labels moved by one grade
 EVAL_RANDOM_PRODUCTS = 30  # random products judged per eval query beside the related aisles
-_BASE_TIME = datetime(2025, 1, 1, tzinfo=timezone.utc)
+_BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
 
 RGB = tuple[int, int, int]
 
@@ -89,6 +89,7 @@ class ProductType:
 
 
 def _t(name, aisle, shape, color, accent, pattern, attributes, sizes, descriptions, synonyms, size, label=True):
+    """Positional shorthand for :class:`ProductType` that keeps the table below one block per type."""
     return ProductType(name, aisle, shape, color, accent, pattern, tuple(attributes), tuple(sizes),
                        tuple(descriptions), tuple(synonyms), size, label)
 

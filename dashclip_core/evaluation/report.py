@@ -107,7 +107,7 @@ def evaluate(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, 
     systems = {"dashclip": embedding_system(products, queries, product_emb, q_trained, judgments, cfg, image_only)}
     p_init, q_init = untrained_embeddings(cfg, products, queries)
     systems["untrained_encoders"] = embedding_system(products, queries, p_init, q_init, judgments, cfg, image_only)
-    bm25 = BM25Index(products["title"].tolist(), products["product_id"].tolist())
+    bm25 = BM25Index([_str(t) for t in products["title"]], products["product_id"].tolist())
     systems["bm25_titles"] = ranking_metrics({q: bm25.rank(q, max(cfg.evaluation.ks)) for q in queries}, judgments, cfg, image_only)
 
     samples = sample_queries or queries[:3]

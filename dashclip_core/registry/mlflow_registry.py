@@ -100,7 +100,7 @@ def aliases(cfg: PipelineConfig) -> dict[str, str]:
     """alias -> version of the registered model ({} when it does not exist)."""
     c = client(cfg)
     try:
-        return dict(c.get_registered_model(cfg.registry.model_name).aliases)
+        return {a: str(v) for a, v in c.get_registered_model(cfg.registry.model_name).aliases.items()}
     except Exception:
         return {}
 
