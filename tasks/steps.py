@@ -268,9 +268,8 @@ def register_model(evaluation: dict, params: dict | None = None, run_id: str | N
             "report_uri": paths.uri("evaluate"), "config_fingerprint": cfg.fingerprint(), "config_name": cfg.name,
             "config_path": (params or {}).get("config_path") or "configs/demo.yaml",
         }
-        example = pd.DataFrame({"query_id": ["q1"], "query": ["oat milk"]})
         version, created = reg.register_model(cfg, run["run_id"], paths.run_id, paths.local("train_stage1") / PRODUCT_ENCODER_DIR,
-                                              paths.local("train_stage2") / QUERY_ENCODER_DIR, tags, input_example=example)
+                                              paths.local("train_stage2") / QUERY_ENCODER_DIR, tags)
         metric = cfg.registry.promotion_metric
         judgments = eval_judgments(labels)
         decision = reg.promote(cfg, version, float(report["systems"]["dashclip"][metric]),

@@ -106,12 +106,12 @@ def aliases(cfg: PipelineConfig) -> dict[str, str]:
 
 
 def register_model(cfg: PipelineConfig, mlflow_run_id: str, run_id: str, product_encoder_dir: Path, query_encoder_dir: Path,
-                   tags: dict[str, str], input_example=None) -> tuple[str, bool]:
+                   tags: dict[str, str]) -> tuple[str, bool]:
     """Log the pyfunc (both encoders) under the pipeline's MLflow run and register it; return (version, created)."""
     existing = find_version(cfg, run_id)
     if existing is not None:
         logger.info("model version %s already registered for run %s", existing.version, run_id)
-        return existing.version, False
+        return str(existing.version), False
     import mlflow
 
     client(cfg)
@@ -128,7 +128,7 @@ def register_model(cfg: PipelineConfig, mlflow_run_id: str, run_id: str, product
                 artifacts={"product_encoder": str(product_encoder_dir), "query_encoder": str(query_encoder_dir)},
                 code_paths=[str(code_copy)],
                 pip_requirements=_pip_requirements(),
-                input_example=input_example,
+                signature=_signature(),
                 registered_model_name=cfg.registry.model_name,
             )
     version = str(info.registered_model_version)
@@ -170,6 +170,16 @@ def promote(cfg: PipelineConfig, version: str, new_score: float, score_champion:
     c.set_model_version_tag(name, version, "promotion_decision", json.dumps(decision, default=str)[:5000])
     decision["aliases"] = aliases(cfg)
     return decision
+
+
+def _signature():
+    """One model, two inputs: queries (query_id, query) or products (product_id, title, description,
+    image_path); every column optional, so MLflow's schema check accepts either frame."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    cols = ["query_id", "query", "product_id", "title", "description", "image_path"]
+    return ModelSignature(inputs=Schema([ColSpec("string", c, required=False) for c in cols]))
 
 
 def _pip_requirements() -> list[str]:

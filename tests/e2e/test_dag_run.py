@@ -66,8 +66,9 @@ def test_outputs_model_index_and_report(first_run, tiny_config):
     client = MlflowClient(cfg.tracking_uri())
     model = client.get_registered_model(cfg.registry.model_name)
     reg = read_json(paths.local("register_model") / "summary.json")
-    assert model.aliases.get("challenger") == reg["version"]
-    assert model.aliases.get("champion") == reg["version"]  # first model: no champion to beat
+    aliases = {a: str(v) for a, v in model.aliases.items()}
+    assert aliases.get("challenger") == reg["version"]
+    assert aliases.get("champion") == reg["version"]  # first model: no champion to beat
     version = client.get_model_version(cfg.registry.model_name, reg["version"])
     assert version.tags["airflow_run_id"] == first_run.run_id
     assert version.tags["catalog_snapshot"] == paths.uri("extract_catalog")
@@ -113,3 +114,56 @@ def test_rerun_same_run_id_is_idempotent(first_run, tiny_config):
     reg2 = steps.register_model({}, params=params, run_id=first_run.run_id)
     assert reg2["version"] == reg["version"] and reg2["created"] is False
     assert len(MlflowClient(cfg.tracking_uri()).search_model_versions(f"name = '{cfg.registry.model_name}'")) == n_versions
+
+
+def test_registered_pyfunc_reproduces_the_pipeline_eval(first_run, tiny_config):
+    """The champion scored through its pyfunc (as promotion does) matches the evaluate step's figure."""
+    import pandas as pd
+
+    from dashclip_core.config import PipelineConfig
+    from dashclip_core.evaluation.report import eval_judgments, score_model_uri
+    from dashclip_core.storage import read_json
+    from tasks.common import run_paths
+
+    cfg = PipelineConfig.from_file(tiny_config)
+    paths = run_paths(cfg, first_run.run_id)
+    products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
+    judgments = eval_judgments(pd.read_parquet(paths.local("label_pairs") / "labels.parquet"))
+    score = score_model_uri(f"models:/{cfg.registry.model_name}@champion", cfg, products, judgments, "ndcg@10")
+    report = read_json(paths.local("evaluate") / "report.json")
+    assert score == pytest.approx(report["systems"]["dashclip"]["ndcg@10"], abs=1e-4)
+
+
+def test_cli_embeds_image_only_text_only_products_and_queries(first_run, tiny_config, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from dashclip_core.cli import main
+    from dashclip_core.config import PipelineConfig
+    from tasks.common import run_paths
+
+    cfg = PipelineConfig.from_file(tiny_config)
+    clean = pd.read_parquet(run_paths(cfg, first_run.run_id).local("validate_catalog") / "clean.parquet")
+    with_image = clean[clean["image_uri"].notna()].iloc[0]
+    products = pd.DataFrame({
+        "product_id": ["image-only", "text-only", "both"],
+        "title": [None, "Organic oat milk 1L", with_image["title"]],
+        "description": [None, "Creamy oat drink", None],
+        "image_path": [with_image["image_uri"], None, with_image["image_uri"]],
+    })
+    queries = pd.DataFrame({"query_id": ["q1", "q2"], "query": ["oat milk", "healthy snack"]})
+    products.to_parquet(tmp_path / "p.parquet")
+    queries.to_parquet(tmp_path / "q.parquet")
+    model = f"models:/{cfg.registry.model_name}@champion"
+    assert main(["embed", "products", "--model", model, "--input", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "pe.parquet")]) == 0
+    assert main(["embed", "queries", "--model", model, "--input", str(tmp_path / "q.parquet"), "--output", str(tmp_path / "qe.parquet")]) == 0
+    pe, qe = pd.read_parquet(tmp_path / "pe.parquet"), pd.read_parquet(tmp_path / "qe.parquet")
+    assert pe["product_id"].tolist() == ["image-only", "text-only", "both"] and qe["query_id"].tolist() == ["q1", "q2"]
+    p, q = np.stack(pe["embedding"]), np.stack(qe["embedding"])
+    assert p.shape == (3, cfg.model.embed_dim) and q.shape == (2, cfg.model.embed_dim) and p.dtype == np.float32
+    assert np.allclose(np.linalg.norm(p, axis=1), 1, atol=1e-5) and np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
+    assert not np.allclose(p[0], p[1])  # image-only and text-only products get different vectors
+    # The same model loaded from the DAG run folder gives the same vectors.
+    run_dir = run_paths(cfg, first_run.run_id).run_uri
+    assert main(["embed", "queries", "--model", run_dir, "--input", str(tmp_path / "q.parquet"), "--output", str(tmp_path / "qe2.parquet")]) == 0
+    assert np.allclose(np.stack(pd.read_parquet(tmp_path / "qe2.parquet")["embedding"]), q, atol=1e-6)
