@@ -37,7 +37,7 @@ def candidate_pairs(products: pd.DataFrame, search_log: pd.DataFrame, human: pd.
         rows += [(q, ids[i]) for i in rng.choice(len(ids), size=min(cfg.random_candidates_per_query, len(ids)), replace=False)]
     cands = pd.concat([log_pairs, pd.DataFrame(rows, columns=["query", "product_id"])], ignore_index=True).drop_duplicates()
     labelled = set(zip(human["query"], human["product_id"]))
-    keep = [(q, p) not in labelled for q, p in zip(cands["query"], cands["product_id"])]
+    keep = np.array([(q, p) not in labelled for q, p in zip(cands["query"], cands["product_id"])], dtype=bool)
     return cands[keep].sort_values(["query", "product_id"]).reset_index(drop=True)
 
 
