@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             conf[key] = getattr(args, key)
     airflow = Path(sys.executable).with_name("airflow")
     t0 = time.time()
-    proc = subprocess.run([str(airflow), "dags", "test", DAG_ID, "-c", json.dumps(conf)], cwd=PROJECT_ROOT)
+    proc = subprocess.run([str(airflow), "dags", "test", DAG_ID, "-c", json.dumps(conf)], cwd=PROJECT_ROOT, check=False)
     wall = time.time() - t0
     run_id = latest_run_id()
     if run_id is None:
@@ -90,7 +90,7 @@ def print_summary(run_id: str, config_path: str, wall: float | None = None) -> N
     if (ev := step("evaluate")) is not None:
         systems = ev["systems"]
         keys = [k for k in next(iter(systems.values())) if not k.startswith("n_")]
-        print("\neval on held-out queries (%d):" % ev["n_eval_queries"])
+        print(f"\neval on held-out queries ({ev['n_eval_queries']}):")
         print(f"{'system':20s} " + " ".join(f"{k:>22s}" for k in keys))
         for name, m in systems.items():
             print(f"{name:20s} " + " ".join(f"{_fmt(m.get(k)):>22s}" for k in keys))
@@ -136,14 +136,16 @@ class RunFolderModel:
         from dashclip_core.registry.pyfunc_model import DashclipEncoders
 
         class _Ctx:
-            artifacts = {"product_encoder": str(run_dir / "train_stage1" / "product_encoder"),
-                         "query_encoder": str(run_dir / "train_stage2" / "query_encoder")}
+            def __init__(self) -> None:
+                self.artifacts = {"product_encoder": str(run_dir / "train_stage1" / "product_encoder"),
+                                  "query_encoder": str(run_dir / "train_stage2" / "query_encoder")}
 
-        for p in _Ctx.artifacts.values():
+        ctx = _Ctx()
+        for p in ctx.artifacts.values():
             if not Path(p).exists():
                 raise FileNotFoundError(f"{p} does not exist; --model must be a DAG run folder with train_stage1 and train_stage2")
         self.model = DashclipEncoders()
-        self.model.load_context(_Ctx)
+        self.model.load_context(ctx)
 
     def predict(self, df):
         return self.model.predict(None, df)

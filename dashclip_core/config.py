@@ -176,7 +176,7 @@ class PipelineConfig:
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "PipelineConfig":
+    def from_file(cls, path: str | os.PathLike) -> PipelineConfig:
         """Read a YAML config; unknown keys raise ``ValueError`` naming the key and the file."""
         import yaml
 
@@ -187,11 +187,11 @@ class PipelineConfig:
             raise FileNotFoundError(f"config file {path} does not exist")
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+            raise ValueError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")  # noqa: TRY004 (a config error)
         return _build(cls, raw, where=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "<dict>") -> "PipelineConfig":
+    def from_dict(cls, raw: dict[str, Any], where: str = "<dict>") -> PipelineConfig:
         return _build(cls, raw, where=where)
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,7 +202,7 @@ class PipelineConfig:
         blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
-    def with_overrides(self, **dotted: Any) -> "PipelineConfig":
+    def with_overrides(self, **dotted: Any) -> PipelineConfig:
         """Return a copy with ``section.field=value`` overrides (DAG params), e.g. ``train.num_workers=1``."""
         cfg = self
         for key, value in dotted.items():
@@ -269,7 +269,7 @@ def _expand_env(value: str) -> str:
 
 def _build(cls: type, raw: dict[str, Any], where: str, prefix: str = "") -> Any:
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+        raise ValueError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")  # noqa: TRY004 (a config error)
     hints = get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}

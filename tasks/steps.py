@@ -46,7 +46,8 @@ def validate_catalog(catalog: dict, params: dict | None = None, run_id: str | No
     def body(out):
         import pandas as pd
 
-        from dashclip_core.validation.catalog_gate import validate_catalog as gate, write_gate_outputs
+        from dashclip_core.validation.catalog_gate import validate_catalog as gate
+        from dashclip_core.validation.catalog_gate import write_gate_outputs
 
         result = gate(pd.read_parquet(paths.local("extract_catalog") / "products.parquet"), cfg.validation)
         write_gate_outputs(result, out)
@@ -99,7 +100,8 @@ def validate_labels(labels: dict, params: dict | None = None, run_id: str | None
         import pandas as pd
 
         from dashclip_core.storage import read_json
-        from dashclip_core.validation.label_gate import validate_labels as gate, write_label_gate_report
+        from dashclip_core.validation.label_gate import validate_labels as gate
+        from dashclip_core.validation.label_gate import write_label_gate_report
 
         src = paths.local("label_pairs")
         result = gate(pd.read_parquet(src / "labels.parquet"), read_json(src / "teacher_report.json"), cfg.labeling)
@@ -179,7 +181,8 @@ def validate_embeddings(embeddings: dict, params: dict | None = None, run_id: st
     def body(out):
         import pandas as pd
 
-        from dashclip_core.validation.embedding_gate import validate_embeddings as gate, write_embedding_gate_report
+        from dashclip_core.validation.embedding_gate import validate_embeddings as gate
+        from dashclip_core.validation.embedding_gate import write_embedding_gate_report
 
         emb = pd.read_parquet(paths.local("backfill_embeddings") / "embeddings.parquet")
         ids = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet", columns=["product_id"])["product_id"]
@@ -203,7 +206,8 @@ def build_index(embeddings_gate: dict, stage2: dict, params: dict | None = None,
 
         from dashclip_core.backfill.embed import read_embeddings
         from dashclip_core.evaluation.report import trained_query_embeddings
-        from dashclip_core.index.faiss_index import build_index as build, recall_at_k_vs_exact
+        from dashclip_core.index.faiss_index import build_index as build
+        from dashclip_core.index.faiss_index import recall_at_k_vs_exact
         from dashclip_core.training.stage2 import QUERY_ENCODER_DIR
 
         ids, matrix = read_embeddings(paths.local("backfill_embeddings") / "embeddings.parquet")

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -93,7 +92,7 @@ class SoftmaxTeacher:
         self.linear = torch.nn.Linear(n_features, 3)
         self.l2 = l2
 
-    def fit(self, x: np.ndarray, y: np.ndarray, steps: int) -> "SoftmaxTeacher":
+    def fit(self, x: np.ndarray, y: np.ndarray, steps: int) -> SoftmaxTeacher:
         xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
         # Balanced class weights: label 2 and 0 dominate some catalogs, and a teacher that never says 1 is useless.
         counts = torch.bincount(yt, minlength=3).float().clamp(min=1)

@@ -105,7 +105,7 @@ class QueryEncoder(nn.Module):
         self.text_proj = text_proj
 
     @classmethod
-    def from_product_encoder(cls, product: ProductEncoder, trainable_layers: int) -> "QueryEncoder":
+    def from_product_encoder(cls, product: ProductEncoder, trainable_layers: int) -> QueryEncoder:
         """Copy the product encoder's text side (already aligned with product space by ITC)."""
         tower = copy.deepcopy(product.text_tower)
         tower._set_trainable(trainable_layers)

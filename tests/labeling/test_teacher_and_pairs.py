@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dashclip_core.config import LabelingConfig
 from dashclip_core.labeling.pairs import candidate_pairs, combine_labels

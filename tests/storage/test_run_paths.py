@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dashclip_core.storage import SUCCESS, RunPaths, safe_run_id
 
@@ -37,10 +38,9 @@ def test_failed_step_publishes_nothing_and_keeps_earlier_outputs(tmp_path):
     paths = RunPaths(str(tmp_path), "dag", "r1")
     with paths.step_output("good") as out:
         (out / "x").write_text("kept")
-    with pytest.raises(RuntimeError):
-        with paths.step_output("bad") as out:
-            (out / "half").write_text("partial")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), paths.step_output("bad") as out:
+        (out / "half").write_text("partial")
+        raise RuntimeError("boom")
     assert not paths.is_done("bad")
     assert (paths.local("good") / "x").read_text() == "kept"
     assert sorted(p.name for p in (tmp_path / "dag" / "r1").iterdir()) == ["good"]
@@ -75,10 +75,9 @@ def test_s3_root_round_trip(s3_server, tmp_path, monkeypatch):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="dashclip-test")
     paths = RunPaths("s3://dashclip-test/prefix", "dag", "manual__x:y+z", s3_endpoint_url=s3_server, cache_dir=tmp_path / "cache")
     assert not paths.is_done("extract")
-    with pytest.raises(ValueError):
-        with paths.step_output("extract") as out:
-            (out / "partial").write_text("x")
-            raise ValueError("bad input")
+    with pytest.raises(ValueError), paths.step_output("extract") as out:
+        (out / "partial").write_text("x")
+        raise ValueError("bad input")
     assert not paths.is_done("extract")
     with paths.step_output("extract") as out:
         (out / "sub").mkdir()

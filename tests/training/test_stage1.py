@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dashclip_core.config import PipelineConfig
 from dashclip_core.training.stage1 import build_stage1, shard_steps, stage1_pairs
