@@ -90,7 +90,7 @@ class ModelConfig:
     fusion_layers: int = 1  # cross-attention layers of the image-grounded text encoder (ITM)
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
-    blip_checkpoint: str = ""  # optional: folder / hub id of a BLIP ITM checkpoint, loaded with from_pretrained
+    blip_checkpoint: str = ""  # folder / hub id of a BLIP ITM checkpoint (BlipForImageTextRetrieval.from_pretrained): both towers + ITC projections start from it; set image.image_size to its size
 
 
 @dataclass(frozen=True)

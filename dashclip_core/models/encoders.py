@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -29,23 +29,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dashclip_core.config import ImageTowerConfig, ModelConfig, TextTowerConfig
-from dashclip_core.models.towers import TextTower, build_image_tower
+from dashclip_core.models.towers import BlipVisionTower, TextTower, build_image_tower, load_blip
 
 logger = logging.getLogger(__name__)
 
 
 class ProductEncoder(nn.Module):
-    """Image tower + text tower + image-grounded text encoder (ITM), all projected to ``embed_dim``."""
+    """Image tower + text tower + image-grounded text encoder (ITM), all projected to ``embed_dim``.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Args:
+        cfg: model config. With ``cfg.blip_checkpoint`` set, both towers (and the ITC projections, when
+            ``embed_dim`` matches the checkpoint's) start from that BLIP ITM checkpoint; the fusion layers
+            and ITM head are ours either way.
+        pretrained_weights: False builds the architecture only (saved weights will be loaded over it).
+    """
+
+    def __init__(self, cfg: ModelConfig, pretrained_weights: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.image_tower = build_image_tower(cfg.image)
-        self.text_tower = TextTower(cfg.text)
+        blip = load_blip(cfg.blip_checkpoint, pretrained_weights) if cfg.blip_checkpoint else None
+        if blip is not None:
+            self.image_tower = BlipVisionTower(blip.vision_model, cfg.image.freeze_backbone)
+            self.text_tower = TextTower(cfg.text, encoder=blip.text_encoder, pooling="cls")
+            for name, p in self.text_tower.named_parameters():
+                if "crossattention" in name:  # BLIP's own fusion path is unused here; frozen so DDP sees no idle grads
+                    p.requires_grad = False
+        else:
+            self.image_tower = build_image_tower(replace(cfg.image, pretrained=cfg.image.pretrained and pretrained_weights))
+            self.text_tower = TextTower(cfg.text)
         hidden = self.text_tower.hidden_size
         img_dim = self.image_tower.out_dim
         self.image_proj = nn.Linear(img_dim, cfg.embed_dim)
         self.text_proj = nn.Linear(hidden, cfg.embed_dim)
+        if blip is not None and blip.vision_proj.out_features == cfg.embed_dim:
+            self.image_proj.load_state_dict(blip.vision_proj.state_dict())
+            self.text_proj.load_state_dict(blip.text_proj.state_dict())
         self.image_token_proj = nn.Linear(img_dim, hidden)  # image tokens -> text width for cross-attention
         heads = max(1, hidden // 32)
         self.fusion = nn.ModuleList(
@@ -133,34 +151,46 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**d)
 
 
+BLIP_DIR = "blip"  # the BLIP checkpoint's config + tokenizer, so a saved encoder needs nothing else
+
+
 def save_encoder(module: nn.Module, cfg: ModelConfig, out_dir: Path) -> Path:
+    """Weights + model config (+ the BLIP architecture and tokenizer files when built from a checkpoint)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(module.state_dict(), out_dir / WEIGHTS)
+    if cfg.blip_checkpoint:
+        from transformers import AutoTokenizer, BlipConfig
+
+        BlipConfig.from_pretrained(cfg.blip_checkpoint).save_pretrained(out_dir / BLIP_DIR)
+        AutoTokenizer.from_pretrained(cfg.blip_checkpoint).save_pretrained(out_dir / BLIP_DIR)
+        cfg = replace(cfg, blip_checkpoint=BLIP_DIR)  # relative to the saved folder
     (out_dir / MODEL_CONFIG).write_text(json.dumps(asdict(cfg), indent=2))
     return out_dir
 
 
-def load_product_encoder(model_dir: Path) -> ProductEncoder:
+def saved_model_config(model_dir: Path) -> ModelConfig:
     cfg = model_config_from_dict(json.loads((model_dir / MODEL_CONFIG).read_text()))
-    # The saved weights replace everything, so skip downloading/reading ImageNet weights again.
-    enc = ProductEncoder(_without_pretrained_image(cfg))
+    if cfg.blip_checkpoint and not Path(cfg.blip_checkpoint).is_absolute():
+        cfg = replace(cfg, blip_checkpoint=str(model_dir / cfg.blip_checkpoint))
+    return cfg
+
+
+def load_product_encoder(model_dir: Path) -> ProductEncoder:
+    # The saved weights replace everything, so pretrained weights are not read again.
+    enc = ProductEncoder(saved_model_config(model_dir), pretrained_weights=False)
     enc.load_state_dict(torch.load(model_dir / WEIGHTS, map_location="cpu", weights_only=True))
     return enc.eval()
 
 
 def load_query_encoder(model_dir: Path) -> QueryEncoder:
-    cfg = model_config_from_dict(json.loads((model_dir / MODEL_CONFIG).read_text()))
-    tower = TextTower(cfg.text)
-    hidden = tower.hidden_size
-    enc = QueryEncoder(tower, nn.Linear(hidden, cfg.embed_dim))
+    cfg = saved_model_config(model_dir)
+    if cfg.blip_checkpoint:
+        tower = TextTower(cfg.text, encoder=load_blip(cfg.blip_checkpoint, with_weights=False).text_encoder, pooling="cls")
+    else:
+        tower = TextTower(cfg.text)
+    enc = QueryEncoder(tower, nn.Linear(tower.hidden_size, cfg.embed_dim))
     enc.load_state_dict(torch.load(model_dir / WEIGHTS, map_location="cpu", weights_only=True))
     return enc.eval()
-
-
-def _without_pretrained_image(cfg: ModelConfig) -> ModelConfig:
-    from dataclasses import replace
-
-    return replace(cfg, image=replace(cfg.image, pretrained=False))
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from dashclip_core.config import ModelConfig
-from dashclip_core.models.towers import build_tokenizer, load_pixels
+from dashclip_core.models.towers import load_pixels
 
 
 def product_text(title: str | None, description: str | None) -> str | None:
@@ -22,8 +22,14 @@ class InputBuilder:
     """Builds tensors for products (image + text, either may be missing) and for queries."""
 
     def __init__(self, cfg: ModelConfig) -> None:
+        from transformers import AutoTokenizer
+
+        from dashclip_core.models.towers import text_source
+
         self.cfg = cfg
-        self.tokenizer = build_tokenizer(cfg.text)
+        # A BLIP checkpoint brings its own tokenizer; otherwise the text tower's.
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.blip_checkpoint or text_source(cfg.text))
+        self.backbone = "blip" if cfg.blip_checkpoint else cfg.image.backbone
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.text.max_length, return_tensors="pt")
@@ -31,7 +37,7 @@ class InputBuilder:
 
     def products(self, titles: Sequence, descriptions: Sequence, image_paths: Sequence) -> dict[str, Tensor]:
         """Tensors for a batch of products: pixels (B,3,S,S), has_image (B,), input_ids/attention_mask (B,T), has_text (B,)."""
-        size, backbone = self.cfg.image.image_size, self.cfg.image.backbone
+        size, backbone = self.cfg.image.image_size, self.backbone
         pix, has_image = zip(*(load_pixels(_none(p), size, backbone) for p in image_paths)) if len(image_paths) else ((), ())
         texts = [product_text(_none(t), _none(d)) for t, d in zip(titles, descriptions)]
         tok = self.tokenize([t or "" for t in texts])

@@ -39,20 +39,24 @@ def text_source(cfg: TextTowerConfig) -> str:
     return cfg.pretrained
 
 
-def build_tokenizer(cfg: TextTowerConfig):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(text_source(cfg))
-
-
 class TextTower(nn.Module):
-    """BERT-style encoder; pooled output = attention-masked mean of token states (sentence-transformers)."""
+    """BERT-style encoder. Pooled output: attention-masked mean of token states (sentence-transformers,
+    how MiniLM was trained) or the [CLS] state (BLIP's ITC uses [CLS]).
 
-    def __init__(self, cfg: TextTowerConfig) -> None:
+    Args:
+        cfg: tower config (weights source, trainable layers).
+        encoder: an already built encoder (e.g. a BLIP checkpoint's text encoder) instead of ``cfg.pretrained``.
+        pooling: "mean" or "cls".
+    """
+
+    def __init__(self, cfg: TextTowerConfig, encoder: nn.Module | None = None, pooling: str = "mean") -> None:
         super().__init__()
         from transformers import AutoModel, BertConfig, BertModel
 
-        if cfg.pretrained == "random":
+        self.pooling = pooling
+        if encoder is not None:
+            self.encoder = encoder
+        elif cfg.pretrained == "random":
             conf = BertConfig(
                 vocab_size=30522,
                 hidden_size=cfg.random_width,
@@ -80,6 +84,8 @@ class TextTower(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Returns (token_states (B, T, H), pooled (B, H))."""
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        if self.pooling == "cls":
+            return states, states[:, 0]
         mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
         pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
         return states, pooled
@@ -144,6 +150,32 @@ class TinyViTTower(nn.Module):
         return x, x[:, 0]
 
 
+class BlipVisionTower(nn.Module):
+    """The ViT of a BLIP checkpoint; tokens = all patch states + [CLS], pooled = [CLS] (as BLIP's ITC)."""
+
+    def __init__(self, vision_model: nn.Module, freeze: bool) -> None:
+        super().__init__()
+        self.vision_model = vision_model
+        self.out_dim = vision_model.config.hidden_size
+        if freeze:
+            for p in self.vision_model.parameters():
+                p.requires_grad = False
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        tokens = self.vision_model(pixel_values=pixels).last_hidden_state  # (B, N+1, C)
+        return tokens, tokens[:, 0]
+
+
+def load_blip(source: str, with_weights: bool):
+    """A BLIP ITM/retrieval checkpoint (folder or hub id): weights via ``from_pretrained``, or the
+    architecture alone from its config (when saved weights will replace them)."""
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    if with_weights:
+        return BlipForImageTextRetrieval.from_pretrained(source)
+    return BlipForImageTextRetrieval(BlipConfig.from_pretrained(source))
+
+
 def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
     if cfg.backbone == "efficientnet-lite0":
         return EfficientNetLiteTower(cfg)
@@ -152,14 +184,23 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
     raise ValueError(f"model.image.backbone {cfg.backbone!r} is unknown; use 'efficientnet-lite0' or 'vit-tiny'")
 
 
+BLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # BLIP's (CLIP's) image normalisation
+BLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
 def normalize_pixels(rgb: np.ndarray, backbone: str) -> np.ndarray:
     """uint8 (S, S, 3) -> float32 (3, S, S) in the range the backbone was trained on.
 
     EfficientNet-Lite weights come from TensorFlow checkpoints that use (x - 127) / 128 (see STACK.md:
-    ImageNet mean/std scores 2-4 points lower downstream).
+    ImageNet mean/std scores 2-4 points lower downstream); BLIP uses CLIP's mean/std.
     """
     x = rgb.astype(np.float32)
-    x = (x - 127.0) / 128.0 if backbone == "efficientnet-lite0" else x / 255.0 - 0.5
+    if backbone == "efficientnet-lite0":
+        x = (x - 127.0) / 128.0
+    elif backbone == "blip":
+        x = (x / 255.0 - BLIP_MEAN) / BLIP_STD
+    else:
+        x = x / 255.0 - 0.5
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 

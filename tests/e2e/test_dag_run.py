@@ -166,3 +166,13 @@ def test_cli_embeds_image_only_text_only_products_and_queries(first_run, tiny_co
     run_dir = run_paths(cfg, first_run.run_id).run_uri
     assert main(["embed", "queries", "--model", run_dir, "--input", str(tmp_path / "q.parquet"), "--output", str(tmp_path / "qe2.parquet")]) == 0
     assert np.allclose(np.stack(pd.read_parquet(tmp_path / "qe2.parquet")["embedding"]), q, atol=1e-6)
+
+
+def test_cli_search_uses_the_champion_index(first_run, tiny_config, capsys):
+    from dashclip_core.cli import main
+    from dashclip_core.config import PipelineConfig
+
+    cfg = PipelineConfig.from_file(tiny_config)
+    assert main(["search", "oat milk", "-k", "3", "--model-name", cfg.registry.model_name]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()[:2] in ("1.", "2.", "3.")]
+    assert len(lines) == 3
