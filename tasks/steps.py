@@ -21,8 +21,29 @@ def _catalog_url(cfg) -> str:
     if cfg.catalog.airflow_conn_id:
         from airflow.sdk import Connection
 
-        return Connection.get(cfg.catalog.airflow_conn_id).get_uri()
+        return sqlalchemy_url(Connection.get(cfg.catalog.airflow_conn_id))
     return ensure_source_catalog(cfg)
+
+
+_DIALECTS = {"postgres": "postgresql", "postgresql": "postgresql", "mysql": "mysql", "sqlite": "sqlite", "mssql": "mssql"}
+
+
+def sqlalchemy_url(conn) -> str:
+    """SQLAlchemy URL of an Airflow connection (Airflow URIs are not SQLAlchemy URLs: 'postgres://',
+    percent-encoded sqlite paths). ``extra: {"sqlalchemy_url": ...}`` wins when set."""
+    from urllib.parse import quote
+
+    if conn.extra_dejson.get("sqlalchemy_url"):
+        return conn.extra_dejson["sqlalchemy_url"]
+    dialect = _DIALECTS.get(conn.conn_type)
+    if dialect is None:
+        raise ValueError(f"connection {conn.conn_id!r}: type {conn.conn_type!r} has no known SQLAlchemy dialect; "
+                         f"set extra {{\"sqlalchemy_url\": ...}}")
+    if dialect == "sqlite":
+        return f"sqlite:///{conn.schema or conn.host}"
+    auth = f"{quote(conn.login or '', safe='')}:{quote(conn.password or '', safe='')}@" if conn.login else ""
+    port = f":{conn.port}" if conn.port else ""
+    return f"{dialect}://{auth}{conn.host}{port}/{conn.schema or ''}"
 
 
 def extract_catalog(params: dict | None = None, run_id: str | None = None) -> dict:
