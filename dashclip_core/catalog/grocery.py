@@ -35,11 +35,11 @@ from dashclip_core.catalog.schema import DB_FILENAME, build_catalog_dir, write_c
 logger = logging.getLogger(__name__)
 
 GENERATOR = "dashclip_core.catalog.grocery"
-GENERATOR_VERSION = "1"  # bump whenever the imported content changes, so existing catalogs get rebuilt
+GENERATOR_VERSION = "2"  # bump whenever the imported content changes, so existing catalogs get rebuilt
 SPLITS = ("train", "val")
 ANNOTATOR = "taxonomy"  # labels derive from the dataset's human class annotations
 UPDATED_AT = "2019-01-07T00:00:00+00:00"  # the dataset's publication (WACV 2019); the photos carry no timestamps
-EVAL_FRACTION = 0.2  # share of the queries held out as 'eval' (judged densely against the val split)
+EVAL_FRACTION = 0.2  # share of the queries held out as 'eval' (judged densely against every product)
 TRAIN_LABELS_PER_QUERY = {2: 4, 1: 3, 0: 3}  # mixed sample of train-split/iconic products per 'train' query
 
 CLASSES_HEADER = ("Class Name (str)", "Class ID (int)", "Coarse Class Name (str)", "Coarse Class ID (int)",
@@ -252,14 +252,15 @@ def _eval_queries(queries: Sequence[GroceryQuery], val: Sequence[_Photo]) -> set
 
 
 def _labels(queries: Sequence[GroceryQuery], eval_queries: set[str], train_pool: Sequence[tuple[str, GroceryClass]],
-            val_products: Sequence[tuple[str, GroceryClass]], seed: int) -> list[dict]:
+            all_products: Sequence[tuple[str, GroceryClass]], seed: int) -> list[dict]:
     """Train queries: a mixed sample of ``TRAIN_LABELS_PER_QUERY`` from ``train_pool`` (topped up to 10 from any
-    grade when one runs short); eval queries: every val product."""
+    grade when one runs short); eval queries: every product of the catalog. Retrieval ranks the whole catalog,
+    so an unjudged photo of the right class would otherwise count as irrelevant."""
     rng = random.Random(f"grocery-labels-{seed}")
     rows: list[dict] = []
     for q in queries:
         if q.text in eval_queries:
-            judged = [(pid, c, "eval") for pid, c in val_products]
+            judged = [(pid, c, "eval") for pid, c in all_products]
         else:
             grades = [q.relevance(c.name, c.coarse_name) for _, c in train_pool]
             chosen: list[int] = []
@@ -294,7 +295,7 @@ def import_grocery(root: Path, out_dir: Path, products_per_class: int = 0, seed:
     Steps:
         1. Read and check ``classes.csv`` and ``train.txt`` / ``val.txt`` (every listed image must exist).
         2. One product per kept photo (train, then val) and one per iconic image, with absolute ``image_uri``.
-        3. Derive queries from the taxonomy; pick ~20% as 'eval' and judge them against every val product;
+        3. Derive queries from the taxonomy; pick ~20% as 'eval' and judge them against every product;
            judge ~10 mixed train-split/iconic products for every other query ('train').
         4. Write the DB (empty ``search_log``) with a ``meta`` table; atomically, as in the demo generator.
 
@@ -347,7 +348,7 @@ def import_grocery(root: Path, out_dir: Path, products_per_class: int = 0, seed:
         queries = grocery_queries(iconic)
         eval_queries = _eval_queries(queries, photos["val"])
         train_pool = by_split["train"] + by_split["iconic"]
-        label_rows = _labels(queries, eval_queries, train_pool, by_split["val"], seed)
+        label_rows = _labels(queries, eval_queries, train_pool, [p for split in by_split.values() for p in split], seed)
         # 4.
         write_catalog_db(tmp_dir / DB_FILENAME, products, [], label_rows, meta_items)
         logger.info("grocery catalog from %s: %d products (%s), %d queries (%d eval), %d human labels", root,
