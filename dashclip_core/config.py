@@ -108,6 +108,7 @@ class TrainConfig:
     stage2_epochs: int = 4
     stage1_batch_size: int = 32  # global batch; per-worker = global // num_workers
     stage2_batch_size: int = 64
+    stage2_grad_cache_chunk: int = 0  # >0: GradCache, embed the stage-2 queries in chunks of this size (large batch, small memory)
     stage1_lr: float = 1e-4
     stage2_lr: float = 5e-5
     head_lr_multiplier: float = 10.0  # projections / fusion / ITM head learn faster than pretrained towers

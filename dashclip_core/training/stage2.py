@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from dashclip_core.config import PipelineConfig
-from dashclip_core.losses import QueryCatalogContrastiveLoss
+from dashclip_core.losses import QueryCatalogContrastiveLoss, cached_qcc_step
 from dashclip_core.models.encoders import QueryEncoder, count_parameters, load_product_encoder, save_encoder
 from dashclip_core.models.inputs import InputBuilder, embed_products
 from dashclip_core.training.stage1 import parameter_groups, shard_steps
@@ -82,7 +82,13 @@ def stage2_worker(config: dict) -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"] + 1, state["step"]
-    model = ray.train.torch.prepare_model(model)
+    cache_chunk = cfg.train.stage2_grad_cache_chunk
+    if cache_chunk > 0:
+        # GradCache runs its own backward through the query encoder, so DDP must wrap the encoder itself
+        # (the QCC temperature is fixed here, so no parameter lives outside it).
+        ddp_encoder = ray.train.torch.prepare_model(model.query_encoder)
+    else:
+        model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     mlflow_log = MetricsLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"], "stage2", enabled=rank == 0)
     rng = np.random.default_rng(cfg.train.seed * 7919 + rank)
@@ -104,14 +110,19 @@ def stage2_worker(config: dict) -> None:
                 hard_mask.append([True] * len(picks) + [False] * (HARD_NEGATIVES - len(picks)))
                 hard_q.extend(picks + [""] * (HARD_NEGATIVES - len(picks)))  # padding rows are masked out
             tok = builder.queries(queries + hard_q)
-            loss, parts = model(
-                product_emb[pidx].to(device), tok["input_ids"].to(device), tok["attention_mask"].to(device),
-                torch.as_tensor(rows["label"].to_numpy()).to(device), pmask.to(device), HARD_NEGATIVES, torch.tensor(hard_mask).to(device),
-            )
+            inputs = (product_emb[pidx].to(device), tok["input_ids"].to(device), tok["attention_mask"].to(device),
+                      torch.as_tensor(rows["label"].to_numpy()).to(device), pmask.to(device))
+            opt.zero_grad(set_to_none=True)
+            if cache_chunk > 0:  # loss and backward in one go, chunk by chunk
+                out = cached_qcc_step(ddp_encoder, model.qcc, *inputs, n_hard=HARD_NEGATIVES, hard_mask=torch.tensor(hard_mask).to(device),
+                                      mini_batch_size=cache_chunk, no_sync=getattr(ddp_encoder, "no_sync", None))
+                loss, parts = out.loss, out.parts
+            else:
+                loss, parts = model(*inputs, HARD_NEGATIVES, torch.tensor(hard_mask).to(device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"stage2: non-finite loss {loss.item()} at epoch {epoch} step {step}; lower train.stage2_lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if cache_chunk <= 0:
+                loss.backward()
             opt.step()
             step += 1
             n_steps += 1
