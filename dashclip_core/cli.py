@@ -180,9 +180,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if missing:
         print(f"{args.input}: missing column(s) {missing}; {args.kind} need {required}", file=sys.stderr)
         return 2
-    out = load_model(args.model).predict(df)
     id_col = "query_id" if args.kind == "queries" else "product_id"
-    table = pa.table({id_col: pa.array(out[id_col].tolist()),
+    ids = df[id_col].tolist()
+    # The model's signature types ids as strings; the output keeps the caller's ids (rows stay in input order).
+    out = load_model(args.model).predict(df.assign(**{id_col: df[id_col].astype(str)}))
+    table = pa.table({id_col: pa.array(ids),
                       "embedding": pa.array([list(map(float, e)) for e in out["embedding"]], type=pa.list_(pa.float32()))})
     tmp = Path(str(args.output) + ".tmp")
     pq.write_table(table, tmp)

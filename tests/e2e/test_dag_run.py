@@ -150,14 +150,14 @@ def test_cli_embeds_image_only_text_only_products_and_queries(first_run, tiny_co
         "description": [None, "Creamy oat drink", None],
         "image_path": [with_image["image_uri"], None, with_image["image_uri"]],
     })
-    queries = pd.DataFrame({"query_id": ["q1", "q2"], "query": ["oat milk", "healthy snack"]})
+    queries = pd.DataFrame({"query_id": [11, 12], "query": ["oat milk", "healthy snack"]})  # ids of any type come back as given
     products.to_parquet(tmp_path / "p.parquet")
     queries.to_parquet(tmp_path / "q.parquet")
     model = f"models:/{cfg.registry.model_name}@champion"
     assert main(["embed", "products", "--model", model, "--input", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "pe.parquet")]) == 0
     assert main(["embed", "queries", "--model", model, "--input", str(tmp_path / "q.parquet"), "--output", str(tmp_path / "qe.parquet")]) == 0
     pe, qe = pd.read_parquet(tmp_path / "pe.parquet"), pd.read_parquet(tmp_path / "qe.parquet")
-    assert pe["product_id"].tolist() == ["image-only", "text-only", "both"] and qe["query_id"].tolist() == ["q1", "q2"]
+    assert pe["product_id"].tolist() == ["image-only", "text-only", "both"] and qe["query_id"].tolist() == [11, 12]
     p, q = np.stack(pe["embedding"]), np.stack(qe["embedding"])
     assert p.shape == (3, cfg.model.embed_dim) and q.shape == (2, cfg.model.embed_dim) and p.dtype == np.float32
     assert np.allclose(np.linalg.norm(p, axis=1), 1, atol=1e-5) and np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)

@@ -1,0 +1,85 @@
+"""Training throughput: Ray TorchTrainer vs a plain single-process torch loop at the same global batch.
+
+Prints samples/s of stage 1 (ITC + ITM) and stage 2 (QCC) both ways and their ratio. Both include
+batch building (image decoding, tokenisation), as a real epoch does. The plain loop uses every core
+through torch's intra-op threads; Ray uses ``num_workers`` processes with
+``train.torch_threads_per_worker`` threads each, so the ratio is the cost (or gain) of going through Ray.
+
+    .venv/bin/python benchmarks/train_throughput.py [--config configs/demo.yaml] [--workers 2] [--steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def plain_stage1(cfg, pairs, steps: int) -> float:
+    import torch
+
+    from dashclip_core.models.inputs import InputBuilder
+    from dashclip_core.training.stage1 import build_stage1, parameter_groups, shard_steps
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = build_stage1(cfg).train()
+    opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage1_lr))
+    builder, gen = InputBuilder(cfg.model), torch.Generator().manual_seed(0)
+    batches = shard_steps(len(pairs), cfg.train.stage1_batch_size, 1, 0, cfg.train.seed, 0)[: steps + 1]
+    t0 = None
+    for i, idx in enumerate(batches):
+        if i == 1:
+            t0 = time.time()  # the first step warms up allocators and caches
+        rows = pairs.iloc[idx]
+        b = builder.products(rows["title"].tolist(), rows["description"].tolist(), rows["image_uri"].tolist())
+        loss, _ = model(b["pixels"], b["input_ids"], b["attention_mask"], torch.as_tensor(rows["group_id"].to_numpy()), gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (len(batches) - 1) * cfg.train.stage1_batch_size / (time.time() - t0)
+
+
+def ray_stage1(cfg, products, steps: int, workdir: Path) -> float:
+    from dashclip_core.training.stage1 import train_stage1
+
+    n = (steps + 1) * cfg.train.stage1_batch_size
+    out = workdir / f"s1-{cfg.train.num_workers}"
+    out.mkdir()
+    info = train_stage1(cfg.with_overrides(**{"train.stage1_epochs": 1}), products.iloc[:n], out, workdir / "ray", out.name,
+                        {"tracking_uri": "", "run_id": ""})
+    return info["final_samples_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12)
+    args = parser.parse_args()
+
+    import pandas as pd
+
+    from dashclip_core.catalog.snapshot import ensure_source_catalog, extract_snapshot
+    from dashclip_core.config import PipelineConfig
+    from dashclip_core.training.stage1 import stage1_pairs
+
+    cfg = PipelineConfig.from_file(args.config).with_overrides(**{"train.num_workers": args.workers})
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        extract_snapshot(cfg, ensure_source_catalog(cfg), work)
+        products = pd.read_parquet(work / "products.parquet")
+        products = products[products["image_uri"].notna() & (products["title"].notna() | products["description"].notna())]
+        pairs = stage1_pairs(products)
+        plain = plain_stage1(cfg, pairs, args.steps)
+        ray = ray_stage1(cfg, products, args.steps, work)
+    print(f"stage1  global batch {cfg.train.stage1_batch_size}  plain loop {plain:7.1f} samples/s  "
+          f"Ray TorchTrainer ({args.workers} workers) {ray:7.1f} samples/s  ratio {ray / plain:.2f}")
+
+
+if __name__ == "__main__":
+    main()
