@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from dashclip_core.config import PipelineConfig, per_worker_batch_size
 from dashclip_core.losses import ImageTextContrastiveLoss, ImageTextMatchingLoss, itm_labels, sample_itm_negatives
+from dashclip_core.losses.distributed import gather_no_grad, gather_with_grad
 from dashclip_core.models.encoders import ProductEncoder, count_parameters, save_encoder
 from dashclip_core.models.inputs import InputBuilder, product_text
 
@@ -72,9 +73,11 @@ class Stage1Model(nn.Module):
     def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, group_ids: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         image_emb, image_tokens = self.encoder.encode_image(pixels)  # (B, D), (B, N, H)
         text_emb, text_states = self.encoder.encode_text(input_ids, attention_mask)  # (B, D), (B, T, H)
-        itc = self.itc(image_emb, text_emb, group_ids)
+        # ITC over the global batch: every worker's items are negatives for every other's (losses/distributed.py).
+        itc = self.itc(gather_with_grad(image_emb), gather_with_grad(text_emb), gather_no_grad(group_ids))
 
-        # ITM with hard negatives sampled from the ITC similarities (BLIP Sec. 3.2).
+        # ITM with hard negatives sampled from the ITC similarities (BLIP Sec. 3.2), within this worker's
+        # slice: a negative from another worker would need its token states shipped here.
         neg = sample_itm_negatives(self.itc.similarities(image_emb, text_emb).detach(), group_ids, generator)
         v = neg.valid  # (B,) rows that have a negative (some other product is in the batch)
         # Blocks: B positives (text_i, image_i); negative texts for images; negative images for texts.
