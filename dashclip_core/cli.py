@@ -89,11 +89,12 @@ def print_summary(run_id: str, config_path: str, wall: float | None = None) -> N
 
     if (ev := step("evaluate")) is not None:
         systems = ev["systems"]
-        keys = [k for k in next(iter(systems.values())) if not k.startswith("n_")]
+        names = list(systems)
+        metrics = [k for k in dict.fromkeys(k for m in systems.values() for k in m) if not k.startswith("n_") and not k.endswith(("_classes", "_n_photos"))]
         print(f"\neval on held-out queries ({ev['n_eval_queries']}):")
-        print(f"{'system':20s} " + " ".join(f"{k:>22s}" for k in keys))
-        for name, m in systems.items():
-            print(f"{name:20s} " + " ".join(f"{_fmt(m.get(k)):>22s}" for k in keys))
+        print(f"{'metric':24s} " + " ".join(f"{n:>20s}" for n in names))
+        for key in metrics:
+            print(f"{key:24s} " + " ".join(f"{_fmt(systems[n].get(key)):>20s}" for n in names))
     if (idx := step("build_index")) is not None:
         print(f"\nindex: {idx['factory']} with {idx['ntotal']} products (dim {idx['dim']}), recall@10 vs exact {idx['recall@10_vs_exact']:.3f}")
     if (reg := step("register_model")) is not None:

@@ -116,6 +116,7 @@ class TrainConfig:
     num_workers: int = 2  # Ray Train workers
     use_gpu: bool = False
     seed: int = 0
+    holdout_product_regex: str = ""  # products whose id matches are never trained on (stage 1, stage 2) but are indexed and evaluated
     torch_threads_per_worker: int = 1
     dataloader_workers: int = 0
 

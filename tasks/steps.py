@@ -255,12 +255,14 @@ def evaluate(index: dict, params: dict | None = None, run_id: str | None = None)
         from dashclip_core.evaluation.report import evaluate as run_eval
         from dashclip_core.registry.mlflow_registry import log_artifact_dir, log_metrics
         from dashclip_core.storage import write_json
+        from dashclip_core.training.stage1 import PRODUCT_ENCODER_DIR
         from dashclip_core.training.stage2 import QUERY_ENCODER_DIR
 
         products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
         labels = pd.read_parquet(paths.local("label_pairs") / "labels.parquet")
         ids, matrix = read_embeddings(paths.local("backfill_embeddings") / "embeddings.parquet")
-        report = run_eval(cfg, products, labels, ids, matrix, paths.local("train_stage2") / QUERY_ENCODER_DIR)
+        report = run_eval(cfg, products, labels, ids, matrix, paths.local("train_stage2") / QUERY_ENCODER_DIR,
+                          paths.local("train_stage1") / PRODUCT_ENCODER_DIR)
         write_json(out / "report.json", report)
         run = mlflow_run(cfg, paths.run_id)
         log_metrics(cfg, run["run_id"], {f"eval/{s}/{k}": v for s, m in report["systems"].items() for k, v in m.items() if v is not None})

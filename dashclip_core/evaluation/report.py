@@ -69,16 +69,47 @@ def embedding_system(products: pd.DataFrame, queries: list[str], product_emb: np
     return {**ranking_metrics(rankings, judgments, cfg, image_only), **classification(products, product_emb)}
 
 
-def untrained_embeddings(cfg: PipelineConfig, products: pd.DataFrame, queries: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def untrained_encoders(cfg: PipelineConfig):
     """The same architecture at initialisation (pretrained towers, untrained projections and fusion)."""
     from dashclip_core.models.encoders import QueryEncoder
-    from dashclip_core.models.inputs import InputBuilder, embed_products, embed_queries
     from dashclip_core.training.stage1 import build_stage1
 
     encoder = build_stage1(cfg).encoder.eval()
+    return encoder, QueryEncoder.from_product_encoder(encoder, 0).eval()
+
+
+def zero_shot_products(products: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
+    """Photos for zero-shot classification: the held-out products (``train.holdout_product_regex``),
+    else the 20% hash test split; only products with an image."""
+    if cfg.train.holdout_product_regex:
+        mask = products["product_id"].astype(str).str.match(cfg.train.holdout_product_regex).to_numpy()
+    else:
+        mask = _split(products["product_id"])
+    return products[mask & products["image_uri"].notna().to_numpy()]
+
+
+def class_prompt(name: str) -> str:
+    """A class name as a shopper would type it ("Golden-Delicious" -> "golden delicious")."""
+    return name.replace("-", " ").replace("_", " ").strip().lower()
+
+
+def zero_shot_accuracy(product_encoder, query_encoder, cfg: PipelineConfig, photos: pd.DataFrame, catalog: pd.DataFrame) -> dict:
+    """Top-1 accuracy of image-only product embeddings against query embeddings of every class name in
+    ``catalog`` (fine = ``category``, coarse = ``aisle``): the CLIP zero-shot protocol with queries as prompts."""
+    from dashclip_core.models.inputs import InputBuilder, embed_products, embed_queries
+
+    if photos.empty:
+        return {}
     builder = InputBuilder(cfg.model)
-    query_encoder = QueryEncoder.from_product_encoder(encoder, 0).eval()
-    return embed_products(encoder, builder, products), embed_queries(query_encoder, builder, queries)
+    image_emb = embed_products(product_encoder, builder, photos.assign(title=None, description=None))  # (N, D)
+    out = {"zero_shot_n_photos": len(photos)}
+    for col, name in (("category", "fine"), ("aisle", "coarse")):
+        classes = sorted(set(catalog[col].astype(str)))
+        class_emb = embed_queries(query_encoder, builder, [class_prompt(c) for c in classes])  # (C, D)
+        pred = np.asarray(classes)[np.argmax(image_emb @ class_emb.T, axis=1)]
+        out[f"zero_shot_{name}_top1"] = float((pred == photos[col].astype(str).to_numpy()).mean())
+        out[f"zero_shot_{name}_classes"] = len(classes)
+    return out
 
 
 def trained_query_embeddings(query_encoder_dir: Path, cfg: PipelineConfig, queries: list[str]) -> np.ndarray:
@@ -89,7 +120,7 @@ def trained_query_embeddings(query_encoder_dir: Path, cfg: PipelineConfig, queri
 
 
 def evaluate(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, product_ids: list[str], product_emb: np.ndarray,
-             query_encoder_dir: Path, sample_queries: list[str] | None = None) -> dict:
+             query_encoder_dir: Path, product_encoder_dir: Path, sample_queries: list[str] | None = None) -> dict:
     """Build the report dict (JSON-able): one block per system, plus top-5 results of sample queries."""
     if list(products["product_id"]) != list(product_ids):
         order = {p: i for i, p in enumerate(product_ids)}
@@ -103,10 +134,19 @@ def evaluate(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, 
         raise ValueError("no held-out human labels (split 'eval'): nothing to evaluate on")
     image_only = set(products.loc[products["title"].isna() & products["description"].isna() & products["image_uri"].notna(), "product_id"])
 
-    q_trained = trained_query_embeddings(query_encoder_dir, cfg, queries)
-    systems = {"dashclip": embedding_system(products, queries, product_emb, q_trained, judgments, cfg, image_only)}
-    p_init, q_init = untrained_embeddings(cfg, products, queries)
-    systems["untrained_encoders"] = embedding_system(products, queries, p_init, q_init, judgments, cfg, image_only)
+    from dashclip_core.models.encoders import load_product_encoder, load_query_encoder
+    from dashclip_core.models.inputs import InputBuilder, embed_products, embed_queries
+
+    builder = InputBuilder(cfg.model)
+    photos = zero_shot_products(products, cfg)
+    query_encoder = load_query_encoder(query_encoder_dir)
+    q_trained = embed_queries(query_encoder, builder, queries)
+    systems = {"dashclip": {**embedding_system(products, queries, product_emb, q_trained, judgments, cfg, image_only),
+                            **zero_shot_accuracy(load_product_encoder(product_encoder_dir), query_encoder, cfg, photos, products)}}
+    p_enc, q_enc = untrained_encoders(cfg)
+    p_init, q_init = embed_products(p_enc, builder, products), embed_queries(q_enc, builder, queries)
+    systems["untrained_encoders"] = {**embedding_system(products, queries, p_init, q_init, judgments, cfg, image_only),
+                                     **zero_shot_accuracy(p_enc, q_enc, cfg, photos, products)}
     bm25 = BM25Index([_str(t) for t in products["title"]], products["product_id"].tolist())
     systems["bm25_titles"] = ranking_metrics({q: bm25.rank(q, max(cfg.evaluation.ks)) for q in queries}, judgments, cfg, image_only)
 

@@ -44,6 +44,13 @@ def stage1_pairs(products: pd.DataFrame) -> pd.DataFrame:
     return pairs
 
 
+def trainable_products(products: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
+    """Products training may see: all but those matching ``train.holdout_product_regex`` (held-out photos)."""
+    if not cfg.train.holdout_product_regex:
+        return products
+    return products[~products["product_id"].astype(str).str.match(cfg.train.holdout_product_regex)]
+
+
 def shard_steps(n_rows: int, global_batch: int, world_size: int, rank: int, seed: int, epoch: int) -> list[np.ndarray]:
     """Row indices for each step of this worker: a seeded shuffle per epoch, cut into global batches,
     each global batch split into ``world_size`` equal slices. The last partial batch is dropped so every
@@ -185,7 +192,7 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
     """
     from dashclip_core.training.ray_launcher import fit, read_checkpoint
 
-    pairs = stage1_pairs(products)
+    pairs = stage1_pairs(trainable_products(products, cfg))
     if len(pairs) < cfg.train.stage1_batch_size:
         raise ValueError(
             f"stage1 needs at least train.stage1_batch_size={cfg.train.stage1_batch_size} products with image and text, "

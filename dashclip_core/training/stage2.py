@@ -19,7 +19,7 @@ from dashclip_core.config import PipelineConfig
 from dashclip_core.losses import QueryCatalogContrastiveLoss, cached_qcc_step
 from dashclip_core.models.encoders import QueryEncoder, count_parameters, load_product_encoder, save_encoder
 from dashclip_core.models.inputs import InputBuilder, embed_products
-from dashclip_core.training.stage1 import parameter_groups, shard_steps
+from dashclip_core.training.stage1 import parameter_groups, shard_steps, trainable_products
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFra
     from dashclip_core.training.ray_launcher import fit, read_checkpoint
 
     product_index = {p: i for i, p in enumerate(products["product_id"])}
-    pos, hard = stage2_examples(labels, product_index)
+    allowed = set(trainable_products(products, cfg)["product_id"])
+    pos, hard = stage2_examples(labels[labels["product_id"].isin(allowed)], product_index)
     if len(pos) < cfg.train.stage2_batch_size:
         raise ValueError(f"stage2 needs at least train.stage2_batch_size={cfg.train.stage2_batch_size} relevant (label>=1) train pairs, got {len(pos)}")
     used = sorted(set(pos["product_idx"]))

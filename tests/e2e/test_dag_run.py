@@ -45,6 +45,7 @@ def test_every_task_succeeds(first_run):
 
 def test_outputs_model_index_and_report(first_run, tiny_config):
     import numpy as np
+    import pandas as pd
     from mlflow.tracking import MlflowClient
 
     from dashclip_core.config import PipelineConfig
@@ -60,6 +61,10 @@ def test_outputs_model_index_and_report(first_run, tiny_config):
     report = read_json(paths.local("evaluate") / "report.json")
     assert set(report["systems"]) == {"dashclip", "untrained_encoders", "bm25_titles"}
     assert 0.0 <= report["systems"]["dashclip"]["ndcg@10"] <= 1.0
+    for system in ("dashclip", "untrained_encoders"):
+        block = report["systems"][system]
+        assert 0.0 <= block["zero_shot_fine_top1"] <= 1.0 and block["zero_shot_n_photos"] > 0
+        assert block["zero_shot_fine_classes"] == len(pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")["category"].unique())
     assert report["n_eval_queries"] > 0
 
     client = MlflowClient(cfg.tracking_uri())
@@ -74,7 +79,6 @@ def test_outputs_model_index_and_report(first_run, tiny_config):
 
     # The index answers a query embedded by the registered model.
     import mlflow
-    import pandas as pd
 
     mlflow.set_tracking_uri(cfg.tracking_uri())
     pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")

@@ -69,3 +69,12 @@ def test_stage1_pairs_groups_identical_text():
     pairs = stage1_pairs(products)
     assert pairs["product_id"].tolist() == ["a", "b"]  # c has no image, d no text
     assert pairs["group_id"].nunique() == 1
+
+
+def test_holdout_products_are_never_trained_on(tiny_config):
+    from dashclip_core.training.stage1 import trainable_products
+
+    cfg = PipelineConfig.from_file(tiny_config).with_overrides(**{"train.holdout_product_regex": "^g-val-"})
+    products = pd.DataFrame({"product_id": ["g-train-1", "g-val-1", "g-iconic-1", "xg-val-2"]})
+    assert trainable_products(products, cfg)["product_id"].tolist() == ["g-train-1", "g-iconic-1", "xg-val-2"]
+    assert len(trainable_products(products, PipelineConfig.from_file(tiny_config))) == 4
