@@ -58,6 +58,44 @@ def classification(products: pd.DataFrame, emb: np.ndarray) -> dict[str, float]:
     return out
 
 
+def image_backbone_features(product_encoder, cfg: PipelineConfig, products: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
+    """Pooled features of the (untrained, ImageNet-pretrained) image tower, before any projection."""
+    import torch
+
+    from dashclip_core.models.towers import load_pixels
+
+    backbone = "blip" if cfg.model.blip_checkpoint else cfg.model.image.backbone
+    out = []
+    for start in range(0, len(products), batch_size):
+        paths = products["image_uri"].iloc[start : start + batch_size]
+        pixels = torch.from_numpy(np.stack([load_pixels(p, cfg.model.image.image_size, backbone)[0] for p in paths]))
+        with torch.no_grad():
+            out.append(product_encoder.image_tower.eval()(pixels)[1].float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def linear_probe(product_encoder, cfg: PipelineConfig, products: pd.DataFrame, photos: pd.DataFrame) -> dict:
+    """Baseline: softmax regression on frozen image-backbone features, fit on the training products'
+    photos (never the held-out ones), scored top-1 on the held-out photos (fine and coarse)."""
+    from dashclip_core.labeling.teacher import SoftmaxTeacher
+
+    train = products[products["image_uri"].notna() & ~products["product_id"].isin(set(photos["product_id"]))]
+    if photos.empty or train.empty:
+        return {}
+    x_train, x_test = image_backbone_features(product_encoder, cfg, train), image_backbone_features(product_encoder, cfg, photos)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6  # standardise: the probe's L2 then treats features alike
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    out = {}
+    for col, name in (("category", "fine"), ("aisle", "coarse")):
+        classes = sorted(set(products[col].astype(str)))
+        index = {c: i for i, c in enumerate(classes)}
+        y = train[col].astype(str).map(index).to_numpy()
+        probe = SoftmaxTeacher(x_train.shape[1], l2=1e-3, seed=cfg.train.seed, n_classes=len(classes)).fit(x_train.astype(np.float32), y, steps=300)
+        pred = probe.predict(x_test.astype(np.float32))
+        out[f"probe_{name}_top1"] = float((pred == photos[col].astype(str).map(index).to_numpy()).mean())
+    return out
+
+
 def ranking_metrics(rankings: dict[str, list[str]], judgments: pd.DataFrame, cfg: PipelineConfig, image_only: set[str]) -> dict:
     m = evaluate_rankings(rankings, judgments, ks=cfg.evaluation.ks, min_relevant_label=cfg.evaluation.min_relevant_label)
     m[f"image_only_recall@{max(cfg.evaluation.ks)}"] = image_only_recall(rankings, judgments, image_only, max(cfg.evaluation.ks))
@@ -148,6 +186,7 @@ def evaluate(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, 
     systems["untrained_encoders"] = {**embedding_system(products, queries, p_init, q_init, judgments, cfg, image_only),
                                      **zero_shot_accuracy(p_enc, q_enc, cfg, photos, products)}
     bm25 = BM25Index([_str(t) for t in products["title"]], products["product_id"].tolist())
+    systems["image_backbone_linear_probe"] = linear_probe(p_enc, cfg, products, photos)
     systems["bm25_titles"] = ranking_metrics({q: bm25.rank(q, max(cfg.evaluation.ks)) for q in queries}, judgments, cfg, image_only)
 
     samples = sample_queries or queries[:3]

@@ -85,18 +85,19 @@ class PairFeatures:
 
 
 class SoftmaxTeacher:
-    """Multinomial logistic regression on pair features (full-batch Adam with L2)."""
+    """Multinomial logistic regression on pair features (full-batch Adam with L2); also the linear probe."""
 
-    def __init__(self, n_features: int, l2: float, seed: int) -> None:
+    def __init__(self, n_features: int, l2: float, seed: int, n_classes: int = 3) -> None:
         torch.manual_seed(seed)
-        self.linear = torch.nn.Linear(n_features, 3)
+        self.linear = torch.nn.Linear(n_features, n_classes)
+        self.n_classes = n_classes
         self.l2 = l2
 
     def fit(self, x: np.ndarray, y: np.ndarray, steps: int) -> SoftmaxTeacher:
         xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
         # Balanced class weights: label 2 and 0 dominate some catalogs, and a teacher that never says 1 is useless.
-        counts = torch.bincount(yt, minlength=3).float().clamp(min=1)
-        weight = counts.sum() / (3 * counts)
+        counts = torch.bincount(yt, minlength=self.n_classes).float().clamp(min=1)
+        weight = counts.sum() / (self.n_classes * counts)
         opt = torch.optim.Adam(self.linear.parameters(), lr=0.05)
         for _ in range(steps):
             opt.zero_grad()

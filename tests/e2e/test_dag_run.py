@@ -59,7 +59,8 @@ def test_outputs_model_index_and_report(first_run, tiny_config):
         assert paths.is_done(step), step
 
     report = read_json(paths.local("evaluate") / "report.json")
-    assert set(report["systems"]) == {"dashclip", "untrained_encoders", "bm25_titles"}
+    assert set(report["systems"]) == {"dashclip", "untrained_encoders", "image_backbone_linear_probe", "bm25_titles"}
+    assert 0.0 <= report["systems"]["image_backbone_linear_probe"]["probe_fine_top1"] <= 1.0
     assert 0.0 <= report["systems"]["dashclip"]["ndcg@10"] <= 1.0
     for system in ("dashclip", "untrained_encoders"):
         block = report["systems"][system]
