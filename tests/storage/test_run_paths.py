@@ -55,23 +55,10 @@ def test_second_writer_does_not_replace_first(tmp_path):
     assert (paths.local("s") / "v").read_text() == "first"
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-def test_s3_root_round_trip(s3_server, tmp_path, monkeypatch):
+def test_s3_root_round_trip(s3_endpoint, tmp_path):
     import boto3
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3_server = s3_endpoint
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="dashclip-test")
     paths = RunPaths("s3://dashclip-test/prefix", "dag", "manual__x:y+z", s3_endpoint_url=s3_server, cache_dir=tmp_path / "cache")
     assert not paths.is_done("extract")

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import pandas as pd
-import pytest
 
 from dashclip_core.storage import is_s3
 from tasks import steps
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-def test_extract_and_gate_write_run_scoped_outputs_to_s3(s3_endpoint, tiny_config, tmp_path, monkeypatch):
+def test_extract_and_gate_write_run_scoped_outputs_to_s3(s3_endpoint, tiny_config, tmp_path):
     import boto3
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="dashclip-runs")
     cfg_path = tmp_path / "s3.yaml"
     cfg_path.write_text(tiny_config.read_text() + f"storage:\n  root: s3://dashclip-runs/team\n  s3_endpoint_url: {s3_endpoint}\n"
