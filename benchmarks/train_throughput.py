@@ -1,6 +1,6 @@
 """Training throughput: Ray TorchTrainer vs a plain single-process torch loop at the same global batch.
 
-Prints samples/s of stage 1 (ITC + ITM) and stage 2 (QCC) both ways and their ratio. Both include
+Prints samples/s of stage 1 (ITC + ITM) and stage 2 (QCC, human train labels) both ways and their ratio. Both include
 batch building (image decoding, tokenisation), as a real epoch does. The plain loop uses every core
 through torch's intra-op threads; Ray uses ``num_workers`` processes with
 ``train.torch_threads_per_worker`` threads each, so the ratio is the cost (or gain) of going through Ray.
@@ -55,6 +55,48 @@ def ray_stage1(cfg, products, steps: int, workdir: Path) -> float:
     return info["final_samples_per_s"]
 
 
+def plain_stage2(cfg, products, labels, stage1_dir: Path, steps: int) -> float:
+    import torch
+
+    from dashclip_core.models.encoders import QueryEncoder, load_product_encoder
+    from dashclip_core.models.inputs import InputBuilder
+    from dashclip_core.training.stage1 import parameter_groups, shard_steps
+    from dashclip_core.training.stage2 import HARD_NEGATIVES, Stage2Model, stage2_examples
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    pos, _ = stage2_examples(labels, {p: i for i, p in enumerate(products["product_id"])})
+    model = Stage2Model(QueryEncoder.from_product_encoder(load_product_encoder(stage1_dir), cfg.model.text.trainable_layers), cfg).train()
+    opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage2_lr))
+    builder = InputBuilder(cfg.model)
+    product_emb = torch.nn.functional.normalize(torch.randn(len(products), cfg.model.embed_dim), dim=-1)  # frozen input
+    batches = shard_steps(len(pos), cfg.train.stage2_batch_size, 1, 0, cfg.train.seed, 0)[: steps + 1]
+    t0 = None
+    for i, idx in enumerate(batches):
+        if i == 1:
+            t0 = time.time()
+        rows = pos.iloc[idx]
+        b = len(rows)
+        tok = builder.queries(rows["query"].tolist() + [""] * (b * HARD_NEGATIVES))  # hard-negative slots, masked
+        loss, _ = model(product_emb[rows["product_idx"].to_numpy()], tok["input_ids"], tok["attention_mask"],
+                        torch.as_tensor(rows["label"].to_numpy()), None, HARD_NEGATIVES, torch.zeros(b, HARD_NEGATIVES, dtype=torch.bool))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (len(batches) - 1) * cfg.train.stage2_batch_size / (time.time() - t0)
+
+
+def ray_stage2(cfg, products, labels, stage1_dir: Path, steps: int, workdir: Path) -> float:
+    from dashclip_core.training.stage2 import train_stage2
+
+    out = workdir / f"s2-{cfg.train.num_workers}"
+    out.mkdir()
+    n = (steps + 1) * cfg.train.stage2_batch_size
+    pos = labels[(labels["label"] >= 1) & (labels["split"] == "train")].drop_duplicates(["query", "product_id"]).iloc[:n]
+    info = train_stage2(cfg.with_overrides(**{"train.stage2_epochs": 1}), products, pos, stage1_dir, out, workdir / "ray", out.name,
+                        {"tracking_uri": "", "run_id": ""})
+    return info["final_samples_per_s"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -75,10 +117,21 @@ def main() -> None:
         products = pd.read_parquet(work / "products.parquet")
         products = products[products["image_uri"].notna() & (products["title"].notna() | products["description"].notna())]
         pairs = stage1_pairs(products)
-        plain = plain_stage1(cfg, pairs, args.steps)
-        ray = ray_stage1(cfg, products, args.steps, work)
-    print(f"stage1  global batch {cfg.train.stage1_batch_size}  plain loop {plain:7.1f} samples/s  "
-          f"Ray TorchTrainer ({args.workers} workers) {ray:7.1f} samples/s  ratio {ray / plain:.2f}")
+        plain1 = plain_stage1(cfg, pairs, args.steps)
+        ray1 = ray_stage1(cfg, products, args.steps, work)
+
+        from dashclip_core.labeling.pairs import combine_labels
+        from dashclip_core.models.encoders import save_encoder
+        from dashclip_core.training.stage1 import build_stage1
+
+        human = pd.read_parquet(work / "human_labels.parquet")
+        labels = combine_labels(human[human["product_id"].isin(set(products["product_id"]))], human.iloc[:0])
+        stage1_dir = save_encoder(build_stage1(cfg).encoder, cfg.model, work / "stage1")
+        plain2 = plain_stage2(cfg, products.reset_index(drop=True), labels, stage1_dir, args.steps)
+        ray2 = ray_stage2(cfg, products.reset_index(drop=True), labels, stage1_dir, args.steps, work)
+    for stage, batch, plain, ray in (("stage1", cfg.train.stage1_batch_size, plain1, ray1), ("stage2", cfg.train.stage2_batch_size, plain2, ray2)):
+        print(f"{stage}  global batch {batch}  plain loop {plain:7.1f} samples/s  "
+              f"Ray TorchTrainer ({args.workers} workers) {ray:7.1f} samples/s  ratio {ray / plain:.2f}")
 
 
 if __name__ == "__main__":
