@@ -118,7 +118,6 @@ class TrainConfig:
     seed: int = 0
     holdout_product_regex: str = ""  # products whose id matches are never trained on (stage 1, stage 2) but are indexed and evaluated
     torch_threads_per_worker: int = 1
-    dataloader_workers: int = 0
 
 
 @dataclass(frozen=True)
