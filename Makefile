@@ -6,6 +6,9 @@ BIN := $(CURDIR)/$(VENV)/bin
 CONFIG ?= configs/demo.yaml
 PIP := $(BIN)/pip --disable-pip-version-check -q
 
+# The venv's console scripts first: `airflow standalone` starts its components as `airflow …` subprocesses.
+export PATH := $(BIN):$(PATH)
+
 # All local state lives in one ignored folder.
 export DASHCLIP_HOME ?= $(CURDIR)/.dashclip
 export AIRFLOW_HOME ?= $(DASHCLIP_HOME)/airflow
