@@ -54,9 +54,16 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The API server and the task runners must sign/verify task tokens with one secret; generated once,
+# kept in the ignored state folder (never in git).
+$(AIRFLOW_HOME)/jwt_secret:
+	mkdir -p $(AIRFLOW_HOME)
+	umask 077; $(PY) -c "import secrets; print(secrets.token_urlsafe(48))" > $@
+
 # Airflow UI on http://localhost:8080 (trigger dashclip_nightly with its params form).
-airflow: install $(AIRFLOW_HOME)/airflow.db
-	AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True $(BIN)/airflow standalone
+airflow: install $(AIRFLOW_HOME)/airflow.db $(AIRFLOW_HOME)/jwt_secret
+	AIRFLOW__API_AUTH__JWT_SECRET="$$(cat $(AIRFLOW_HOME)/jwt_secret)" AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True \
+		$(BIN)/airflow standalone
 
 # MLflow UI on http://localhost:5000 (runs, curves, registered models and aliases).
 mlflow: install
