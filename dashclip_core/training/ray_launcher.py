@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,6 +98,45 @@ def load_latest_checkpoint() -> dict | None:
         return None
     with ckpt.as_directory() as d:
         return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, stage: str) -> tuple[int, int]:
+    """Load the latest checkpoint of this run into ``model``/``opt``; return (start_epoch, step)."""
+    state = load_latest_checkpoint()
+    if state is None:
+        return 0, 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    logger.info("%s resumes at epoch %d (step %d)", stage, state["epoch"] + 1, state["step"])
+    return state["epoch"] + 1, state["step"]
+
+
+def end_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int, metrics: dict) -> None:
+    """Checkpoint the unwrapped model and optimizer after an epoch and report (on every worker)."""
+    inner = model.module if hasattr(model, "module") else model
+    save_checkpoint({"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step}, metrics)
+
+
+class EpochMeter:
+    """Per-step values to MLflow and their epoch means (+ samples/s) for ``ray.train.report``."""
+
+    def __init__(self, mlflow_log: MetricsLogger, batch_size: int) -> None:
+        self.mlflow_log, self.batch_size = mlflow_log, batch_size
+        self.sums: dict[str, float] = {}
+        self.n_steps, self.t0 = 0, time.time()
+
+    def add(self, parts: dict[str, torch.Tensor], step: int) -> None:
+        values = {k: float(v) for k, v in parts.items() if torch.isfinite(v)}  # e.g. no negative in a batch -> NaN part
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n_steps += 1
+        self.mlflow_log.log(values, step)
+
+    def finish(self, epoch: int, step: int) -> dict:
+        metrics = {k: v / max(self.n_steps, 1) for k, v in self.sums.items()}
+        metrics.update(epoch=epoch, step=step, samples_per_s=self.n_steps * self.batch_size / max(time.time() - self.t0, 1e-9))
+        self.mlflow_log.log({f"epoch_{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch)
+        return metrics
 
 
 def read_checkpoint(result) -> dict:

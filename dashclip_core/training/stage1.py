@@ -125,7 +125,7 @@ def stage1_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from dashclip_core.training.ray_launcher import MetricsLogger, load_latest_checkpoint, save_checkpoint
+    from dashclip_core.training.ray_launcher import EpochMeter, MetricsLogger, end_epoch, resume
 
     cfg = PipelineConfig.from_dict(config["pipeline"])
     ctx = ray.train.get_context()
@@ -136,13 +136,7 @@ def stage1_worker(config: dict) -> None:
     builder = InputBuilder(cfg.model)
     model = build_stage1(cfg)
     opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage1_lr), weight_decay=cfg.train.weight_decay)
-    start_epoch, step = 0, 0
-    state = load_latest_checkpoint()
-    if state is not None:  # a retried run resumes after its last finished epoch
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        logger.info("stage1 resumes at epoch %d (step %d)", start_epoch, step)
+    start_epoch, step = resume(model, opt, "stage1")  # a retried run continues after its last finished epoch
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU)
     device = ray.train.torch.get_device()
     use_amp = device.type == "cuda"
@@ -151,8 +145,7 @@ def stage1_worker(config: dict) -> None:
 
     for epoch in range(start_epoch, cfg.train.stage1_epochs):
         model.train()
-        sums: dict[str, float] = {}
-        t0, n_steps = time.time(), 0
+        meter = EpochMeter(mlflow_log, cfg.train.stage1_batch_size)
         for idx in shard_steps(len(pairs), cfg.train.stage1_batch_size, world, rank, cfg.train.seed, epoch):
             rows = pairs.iloc[idx]
             b = builder.products(rows["title"].tolist(), rows["description"].tolist(), rows["image_uri"].tolist())
@@ -165,16 +158,8 @@ def stage1_worker(config: dict) -> None:
             loss.backward()
             opt.step()
             step += 1
-            n_steps += 1
-            values = {k: float(v) for k, v in parts.items()}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            mlflow_log.log(values, step)
-        metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
-        metrics.update(epoch=epoch, step=step, samples_per_s=n_steps * cfg.train.stage1_batch_size / max(time.time() - t0, 1e-9))
-        mlflow_log.log({f"epoch_{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch)
-        inner = model.module if hasattr(model, "module") else model
-        save_checkpoint({"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "config": config["pipeline"]}, metrics)
+            meter.add(parts, step)
+        end_epoch(model, opt, epoch, step, meter.finish(epoch, step))
 
 
 # ---- launcher ----------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def stage2_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from dashclip_core.training.ray_launcher import MetricsLogger, load_latest_checkpoint, save_checkpoint
+    from dashclip_core.training.ray_launcher import EpochMeter, MetricsLogger, end_epoch, resume
 
     cfg = PipelineConfig.from_dict(config["pipeline"])
     ctx = ray.train.get_context()
@@ -76,12 +76,7 @@ def stage2_worker(config: dict) -> None:
     model = Stage2Model(QueryEncoder.from_product_encoder(product_encoder, cfg.model.text.trainable_layers), cfg)
     del product_encoder
     opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage2_lr), weight_decay=cfg.train.weight_decay)
-    start_epoch, step = 0, 0
-    state = load_latest_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
+    start_epoch, step = resume(model, opt, "stage2")  # a retried run continues after its last finished epoch
     cache_chunk = cfg.train.stage2_grad_cache_chunk
     if cache_chunk > 0:
         # GradCache runs its own backward through the query encoder, so DDP must wrap the encoder itself
@@ -95,8 +90,7 @@ def stage2_worker(config: dict) -> None:
 
     for epoch in range(start_epoch, cfg.train.stage2_epochs):
         model.train()
-        sums: dict[str, float] = {}
-        t0, n_steps = time.time(), 0
+        meter = EpochMeter(mlflow_log, cfg.train.stage2_batch_size)
         for idx in shard_steps(len(pos), cfg.train.stage2_batch_size, world, rank, cfg.train.seed + 17, epoch):
             rows = pos.iloc[idx]
             queries = rows["query"].tolist()
@@ -125,16 +119,8 @@ def stage2_worker(config: dict) -> None:
                 loss.backward()
             opt.step()
             step += 1
-            n_steps += 1
-            values = {k: float(v) for k, v in parts.items() if torch.isfinite(v)}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            mlflow_log.log(values, step)
-        metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
-        metrics.update(epoch=epoch, step=step, samples_per_s=n_steps * cfg.train.stage2_batch_size / max(time.time() - t0, 1e-9))
-        mlflow_log.log({f"epoch_{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch)
-        inner = model.module if hasattr(model, "module") else model
-        save_checkpoint({"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step}, metrics)
+            meter.add(parts, step)
+        end_epoch(model, opt, epoch, step, meter.finish(epoch, step))
 
 
 def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, stage1_dir: Path, out_dir: Path,

@@ -383,6 +383,15 @@ def validate_catalog(
     return CatalogGateResult(passed=passed, clean=clean, quarantine=quarantine, summary=summary)
 
 
+def write_report(passed: bool, summary: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write a gate's ``report.json`` (``passed`` + its summary) into ``out_dir`` (created if needed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "report.json"
+    report.write_text(json.dumps({"passed": passed, **summary}, indent=2, sort_keys=True))
+    return report
+
+
 def write_gate_outputs(result: CatalogGateResult, out_dir: str | os.PathLike) -> Path:
     """Write ``clean.parquet``, ``quarantine.parquet`` (always, possibly empty) and ``report.json``.
 
@@ -399,6 +408,4 @@ def write_gate_outputs(result: CatalogGateResult, out_dir: str | os.PathLike) ->
     quarantine = result.quarantine.reindex(columns=list(QUARANTINE_COLUMNS))
     quarantine = quarantine.astype({"product_id": "string", "row": "int64", "reason": "string"})
     quarantine.to_parquet(out / "quarantine.parquet", index=False)
-    report = out / "report.json"
-    report.write_text(json.dumps({"passed": result.passed, **result.summary}, indent=2, sort_keys=True))
-    return report
+    return write_report(result.passed, result.summary, out)

@@ -15,7 +15,6 @@ The gate passes when every expectation passes.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable
@@ -27,7 +26,7 @@ import great_expectations.expectations as gxe
 import numpy as np
 import pandas as pd
 
-from dashclip_core.validation.catalog_gate import SAMPLE_SIZE, failing_summary, run_expectations
+from dashclip_core.validation.catalog_gate import SAMPLE_SIZE, failing_summary, run_expectations, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +166,4 @@ def write_embedding_gate_report(result: EmbeddingGateResult, out_dir: str | os.P
     Returns:
         The path of ``report.json``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report = out / "report.json"
-    report.write_text(json.dumps({"passed": result.passed, **result.summary}, indent=2, sort_keys=True))
-    return report
+    return write_report(result.passed, result.summary, out_dir)

@@ -15,7 +15,6 @@ The gate passes when every check passes.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
@@ -28,7 +27,7 @@ import great_expectations.expectations as gxe
 import pandas as pd
 
 from dashclip_core.config import LabelingConfig
-from dashclip_core.validation.catalog_gate import BLANK, failing_summary, run_expectations, to_jsonable
+from dashclip_core.validation.catalog_gate import BLANK, failing_summary, run_expectations, to_jsonable, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +179,4 @@ def write_label_gate_report(result: LabelGateResult, out_dir: str | os.PathLike)
     Returns:
         The path of ``report.json``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report = out / "report.json"
-    report.write_text(json.dumps({"passed": result.passed, **result.summary}, indent=2, sort_keys=True))
-    return report
+    return write_report(result.passed, result.summary, out_dir)
