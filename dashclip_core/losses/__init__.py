@@ -8,17 +8,22 @@ and :func:`cached_qcc_step` to compute it with GradCache for batches larger than
 from dashclip_core.losses.cached import cached_qcc_step
 from dashclip_core.losses.contrastive import ImageTextContrastiveLoss
 from dashclip_core.losses.matching import ImageTextMatchingLoss, ITMNegatives, itm_labels, sample_itm_negatives
+from dashclip_core.losses.momentum import FeatureQueue, MomentumDistillationITCLoss, MomentumEncoder, momentum_update_
 from dashclip_core.losses.output import LossOutput
 from dashclip_core.losses.qcc import QueryCatalogContrastiveLoss, qcc_positive_mask
 
 __all__ = [
+    "FeatureQueue",
     "ITMNegatives",
     "ImageTextContrastiveLoss",
     "ImageTextMatchingLoss",
     "LossOutput",
+    "MomentumDistillationITCLoss",
+    "MomentumEncoder",
     "QueryCatalogContrastiveLoss",
     "cached_qcc_step",
     "itm_labels",
+    "momentum_update_",
     "qcc_positive_mask",
     "sample_itm_negatives",
 ]
