@@ -244,7 +244,9 @@ def build_index(embeddings_gate: dict, stage2: dict, params: dict | None = None,
 
 
 def evaluate(index: dict, params: dict | None = None, run_id: str | None = None) -> dict:
-    """NDCG@10, Recall@10/50 on held-out queries vs BM25 and the untrained encoders; category accuracy."""
+    """NDCG@10, Recall@10/50 on held-out queries, ANN-only and ITM re-ranked, vs BM25 and the untrained
+    encoders; category and zero-shot accuracy. Writes report.json, the per-photo zero-shot predictions
+    and plots/*.png; logs the metrics, the report (artifacts ``evaluation/``) and the plots (``plots/``)."""
     cfg = resolve_config(params)
     paths = run_paths(cfg, run_id)
 
@@ -252,8 +254,9 @@ def evaluate(index: dict, params: dict | None = None, run_id: str | None = None)
         import pandas as pd
 
         from dashclip_core.backfill.embed import read_embeddings
-        from dashclip_core.evaluation.report import evaluate as run_eval
-        from dashclip_core.registry.mlflow_registry import log_artifact_dir, log_metrics
+        from dashclip_core.evaluation.plots import write_evaluation_plots
+        from dashclip_core.evaluation.report import run_evaluation
+        from dashclip_core.registry.mlflow_registry import client, log_artifact_dir, log_metrics
         from dashclip_core.storage import write_json
         from dashclip_core.training.stage1 import PRODUCT_ENCODER_DIR
         from dashclip_core.training.stage2 import QUERY_ENCODER_DIR
@@ -261,13 +264,19 @@ def evaluate(index: dict, params: dict | None = None, run_id: str | None = None)
         products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
         labels = pd.read_parquet(paths.local("label_pairs") / "labels.parquet")
         ids, matrix = read_embeddings(paths.local("backfill_embeddings") / "embeddings.parquet")
-        report = run_eval(cfg, products, labels, ids, matrix, paths.local("train_stage2") / QUERY_ENCODER_DIR,
-                          paths.local("train_stage1") / PRODUCT_ENCODER_DIR)
+        result = run_evaluation(cfg, products, labels, ids, matrix, paths.local("train_stage2") / QUERY_ENCODER_DIR,
+                                paths.local("train_stage1") / PRODUCT_ENCODER_DIR)
+        report = result.report
         write_json(out / "report.json", report)
+        result.zero_shot.to_parquet(out / "zero_shot_predictions.parquet", index=False)  # per photo: kept out of the report
         run = mlflow_run(cfg, paths.run_id)
+        plots = write_evaluation_plots(result, products, out / "plots", cfg.evaluation.min_relevant_label, mlflow_run=run)
         log_metrics(cfg, run["run_id"], {f"eval/{s}/{k}": v for s, m in report["systems"].items() for k, v in m.items() if v is not None})
-        log_artifact_dir(cfg, run["run_id"], out, "evaluation")
-        return {"systems": report["systems"], "n_eval_queries": report["n_eval_queries"]}
+        mlflow = client(cfg)
+        for name in ("report.json", "zero_shot_predictions.parquet"):
+            mlflow.log_artifact(run["run_id"], str(out / name), "evaluation")
+        log_artifact_dir(cfg, run["run_id"], out / "plots", "plots")
+        return {"systems": report["systems"], "n_eval_queries": report["n_eval_queries"], "plots": sorted(p.name for p in plots)}
 
     return run_step(paths, "evaluate", body)
 

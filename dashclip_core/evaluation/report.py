@@ -4,12 +4,19 @@ On the held-out human-judged queries (split 'eval', never seen by the teacher or
 NDCG@10 and Recall@10/50 over the whole snapshot (unjudged products count as irrelevant), recall
 of image-only relevant products, and aisle/category prediction accuracy from product embeddings
 (nearest class centroid, products split 80/20 by a hash of their id).
+
+Systems: ``dashclip`` ranks by query . product embedding only (what the FAISS index serves);
+``dashclip_itm_rerank`` re-ranks its top ``rerank_k`` with the ITM head (:mod:`.rerank`), so the
+second stage is measured apart from ANN. Zero-shot and category figures are embedding-only and
+appear under ``dashclip``. Per-photo zero-shot predictions and the rankings are returned beside the
+report (:class:`EvaluationOutputs`), never inside it: the report's numbers go to MLflow metrics.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +25,7 @@ import pandas as pd
 from dashclip_core.config import PipelineConfig
 from dashclip_core.evaluation.bm25 import BM25Index
 from dashclip_core.evaluation.metrics import category_accuracy, evaluate_rankings
+from dashclip_core.evaluation.rerank import DEFAULT_RERANK_K
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +110,12 @@ def ranking_metrics(rankings: dict[str, list[str]], judgments: pd.DataFrame, cfg
     return m
 
 
-def embedding_system(products: pd.DataFrame, queries: list[str], product_emb: np.ndarray, query_emb: np.ndarray, judgments, cfg, image_only) -> dict:
-    rankings = dict(zip(queries, rank_by_embeddings(query_emb, product_emb, products["product_id"].tolist(), max(cfg.evaluation.ks))))
+def ann_rankings(queries: list[str], query_emb: np.ndarray, products: pd.DataFrame, product_emb: np.ndarray, depth: int) -> dict[str, list[str]]:
+    """query -> its ``depth`` nearest products by embedding (exact search, as the index approximates)."""
+    return dict(zip(queries, rank_by_embeddings(query_emb, product_emb, products["product_id"].tolist(), depth)))
+
+
+def embedding_system(products: pd.DataFrame, rankings: dict[str, list[str]], product_emb: np.ndarray, judgments, cfg, image_only) -> dict:
     return {**ranking_metrics(rankings, judgments, cfg, image_only), **classification(products, product_emb)}
 
 
@@ -131,23 +143,48 @@ def class_prompt(name: str) -> str:
     return name.replace("-", " ").replace("_", " ").strip().lower()
 
 
-def zero_shot_accuracy(product_encoder, query_encoder, cfg: PipelineConfig, photos: pd.DataFrame, catalog: pd.DataFrame) -> dict:
-    """Top-1 accuracy of image-only product embeddings against query embeddings of every class name in
-    ``catalog`` (fine = ``category``, coarse = ``aisle``): the CLIP zero-shot protocol with queries as prompts."""
+ZERO_SHOT_LEVELS = (("category", "fine"), ("aisle", "coarse"))  # catalog column, name in the report
+
+
+def zero_shot_predictions(product_encoder, query_encoder, cfg: PipelineConfig, photos: pd.DataFrame, catalog: pd.DataFrame) -> pd.DataFrame:
+    """Per-photo zero-shot predictions: each image-only product embedding is assigned the class whose
+    name, embedded as a query, is nearest (the CLIP zero-shot protocol with queries as prompts).
+    Classes are every ``category`` (fine) / ``aisle`` (coarse) value in ``catalog``.
+
+    Returns:
+        One row per photo: ``product_id``, ``fine_true``, ``fine_pred``, ``coarse_true``, ``coarse_pred``
+        (empty frame with these columns when there are no photos).
+    """
     from dashclip_core.models.inputs import InputBuilder, embed_products, embed_queries
 
+    columns = ["product_id"] + [f"{name}_{kind}" for _, name in ZERO_SHOT_LEVELS for kind in ("true", "pred")]
     if photos.empty:
-        return {}
+        return pd.DataFrame(columns=columns)
     builder = InputBuilder(cfg.model)
     image_emb = embed_products(product_encoder, builder, photos.assign(title=None, description=None))  # (N, D)
-    out = {"zero_shot_n_photos": len(photos)}
-    for col, name in (("category", "fine"), ("aisle", "coarse")):
+    out = pd.DataFrame({"product_id": photos["product_id"].to_numpy()})
+    for col, name in ZERO_SHOT_LEVELS:
         classes = sorted(set(catalog[col].astype(str)))
         class_emb = embed_queries(query_encoder, builder, [class_prompt(c) for c in classes])  # (C, D)
-        pred = np.asarray(classes)[np.argmax(image_emb @ class_emb.T, axis=1)]
-        out[f"zero_shot_{name}_top1"] = float((pred == photos[col].astype(str).to_numpy()).mean())
-        out[f"zero_shot_{name}_classes"] = len(classes)
+        out[f"{name}_true"] = photos[col].astype(str).to_numpy()
+        out[f"{name}_pred"] = np.asarray(classes)[np.argmax(image_emb @ class_emb.T, axis=1)]
+    return out[columns]
+
+
+def zero_shot_metrics(predictions: pd.DataFrame, catalog: pd.DataFrame) -> dict:
+    """Top-1 accuracy (fine and coarse) of :func:`zero_shot_predictions`, with the photo and class counts."""
+    if predictions.empty:
+        return {}
+    out: dict = {"zero_shot_n_photos": len(predictions)}
+    for col, name in ZERO_SHOT_LEVELS:
+        out[f"zero_shot_{name}_top1"] = float((predictions[f"{name}_pred"] == predictions[f"{name}_true"]).mean())
+        out[f"zero_shot_{name}_classes"] = int(catalog[col].astype(str).nunique())
     return out
+
+
+def zero_shot_accuracy(product_encoder, query_encoder, cfg: PipelineConfig, photos: pd.DataFrame, catalog: pd.DataFrame) -> dict:
+    """Top-1 zero-shot accuracy (see :func:`zero_shot_predictions`); {} without photos."""
+    return zero_shot_metrics(zero_shot_predictions(product_encoder, query_encoder, cfg, photos, catalog), catalog)
 
 
 def trained_query_embeddings(query_encoder_dir: Path, cfg: PipelineConfig, queries: list[str]) -> np.ndarray:
@@ -157,53 +194,98 @@ def trained_query_embeddings(query_encoder_dir: Path, cfg: PipelineConfig, queri
     return embed_queries(load_query_encoder(query_encoder_dir), InputBuilder(cfg.model), queries)
 
 
-def evaluate(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, product_ids: list[str], product_emb: np.ndarray,
-             query_encoder_dir: Path, product_encoder_dir: Path, sample_queries: list[str] | None = None) -> dict:
-    """Build the report dict (JSON-able): one block per system, plus top-5 results of sample queries."""
-    if list(products["product_id"]) != list(product_ids):
-        order = {p: i for i, p in enumerate(product_ids)}
-        missing = set(products["product_id"]) - set(order)
-        if missing:
-            raise ValueError(f"embeddings lack {len(missing)} snapshot products, e.g. {sorted(missing)[:5]}")
-        product_emb = product_emb[[order[p] for p in products["product_id"]]]
+@dataclass
+class EvaluationOutputs:
+    """What one evaluation produces.
+
+    Attributes:
+        report: the JSON-able report (``systems`` -> metric -> number, sample queries); small enough for MLflow.
+        zero_shot: per-photo zero-shot predictions of the trained model (see :func:`zero_shot_predictions`).
+        rankings: system -> query -> ranked product ids, for ``dashclip`` (ANN) and ``dashclip_itm_rerank``.
+        judgments: the eval judgments the rankings were scored on (query, product_id, label).
+    """
+
+    report: dict
+    zero_shot: pd.DataFrame
+    rankings: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    judgments: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def run_evaluation(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, product_ids: list[str], product_emb: np.ndarray,
+                   query_encoder_dir: Path, product_encoder_dir: Path, sample_queries: list[str] | None = None,
+                   rerank_k: int = DEFAULT_RERANK_K) -> EvaluationOutputs:
+    """Score the trained encoders (ANN-only and ITM re-ranked) and the baselines on the held-out queries.
+
+    Args:
+        cfg: resolved config (``evaluation.ks``, the model config of the untrained baseline).
+        products: the validated snapshot (``product_id``, ``title``, ``description``, ``image_uri``, ``aisle``, ``category``).
+        labels: the run's labels; the eval split's human labels are the judgments.
+        product_ids / product_emb: the trained model's product embeddings (N, D), any row order.
+        query_encoder_dir / product_encoder_dir: the saved trained encoders.
+        sample_queries: queries whose top-5 go into the report (default: the first 3 eval queries).
+        rerank_k: ANN candidates per query that the ITM head re-ranks.
+
+    Raises:
+        ValueError: embeddings lack snapshot products, or there are no held-out human labels.
+    """
+    product_emb = _align(products, product_ids, product_emb)
     judgments = eval_judgments(labels)
     queries = sorted(judgments["query"].unique())
     if not queries:
         raise ValueError("no held-out human labels (split 'eval'): nothing to evaluate on")
     image_only = set(products.loc[products["title"].isna() & products["description"].isna() & products["image_uri"].notna(), "product_id"])
 
+    from dashclip_core.evaluation.rerank import itm_rerank
     from dashclip_core.models.encoders import load_product_encoder, load_query_encoder
     from dashclip_core.models.inputs import InputBuilder, embed_products, embed_queries
 
     builder = InputBuilder(cfg.model)
     photos = zero_shot_products(products, cfg)
-    query_encoder = load_query_encoder(query_encoder_dir)
+    query_encoder, product_encoder = load_query_encoder(query_encoder_dir), load_product_encoder(product_encoder_dir)
     q_trained = embed_queries(query_encoder, builder, queries)
-    systems = {"dashclip": {**embedding_system(products, queries, product_emb, q_trained, judgments, cfg, image_only),
-                            **zero_shot_accuracy(load_product_encoder(product_encoder_dir), query_encoder, cfg, photos, products)}}
+    depth = max(max(cfg.evaluation.ks), rerank_k)
+    ann = ann_rankings(queries, q_trained, products, product_emb, depth)
+    zero_shot = zero_shot_predictions(product_encoder, query_encoder, cfg, photos, products)
+    systems = {"dashclip": {**embedding_system(products, ann, product_emb, judgments, cfg, image_only), **zero_shot_metrics(zero_shot, products)}}
+    reranked, stats = itm_rerank(product_encoder, builder, queries, [ann[q] for q in queries], products, k=rerank_k)
+    rerank = dict(zip(queries, reranked))
+    systems["dashclip_itm_rerank"] = {**ranking_metrics(rerank, judgments, cfg, image_only), **stats}
+
     p_enc, q_enc = untrained_encoders(cfg)
     p_init, q_init = embed_products(p_enc, builder, products), embed_queries(q_enc, builder, queries)
-    systems["untrained_encoders"] = {**embedding_system(products, queries, p_init, q_init, judgments, cfg, image_only),
+    systems["untrained_encoders"] = {**embedding_system(products, ann_rankings(queries, q_init, products, p_init, max(cfg.evaluation.ks)),
+                                                        p_init, judgments, cfg, image_only),
                                      **zero_shot_accuracy(p_enc, q_enc, cfg, photos, products)}
     bm25 = BM25Index([_str(t) for t in products["title"]], products["product_id"].tolist())
     systems["image_backbone_linear_probe"] = linear_probe(p_enc, cfg, products, photos)
     systems["bm25_titles"] = ranking_metrics({q: bm25.rank(q, max(cfg.evaluation.ks)) for q in queries}, judgments, cfg, image_only)
 
     samples = sample_queries or queries[:3]
-    q_samples = trained_query_embeddings(query_encoder_dir, cfg, samples)
-    top = rank_by_embeddings(q_samples, product_emb, products["product_id"].tolist(), 5)
+    top = rank_by_embeddings(embed_queries(query_encoder, builder, samples), product_emb, products["product_id"].tolist(), 5)
     by_id = products.set_index("product_id")
     examples = {
         q: [{"product_id": p, "title": _str(by_id.at[p, "title"]), "category": _str(by_id.at[p, "category"])} for p in ids]
         for q, ids in zip(samples, top)
     }
-    return {
+    report = {
         "n_eval_queries": len(queries),
         "n_products": len(products),
         "n_image_only_products": len(image_only),
         "systems": systems,
         "sample_queries": examples,
     }
+    return EvaluationOutputs(report, zero_shot, {"dashclip": ann, "dashclip_itm_rerank": rerank}, judgments)
+
+
+def _align(products: pd.DataFrame, product_ids: list[str], product_emb: np.ndarray) -> np.ndarray:
+    """Embedding rows in the snapshot's product order."""
+    if list(products["product_id"]) == list(product_ids):
+        return product_emb
+    order = {p: i for i, p in enumerate(product_ids)}
+    missing = set(products["product_id"]) - set(order)
+    if missing:
+        raise ValueError(f"embeddings lack {len(missing)} snapshot products, e.g. {sorted(missing)[:5]}")
+    return product_emb[[order[p] for p in products["product_id"]]]
 
 
 def _str(v) -> str | None:
