@@ -5,6 +5,7 @@
     dashclip embed products --model URI --input P.parquet --output O.parquet
     dashclip embed queries  --model URI --input Q.parquet --output O.parquet
     dashclip search "oat milk" -k 10 [--model-name dashclip-demo]
+    dashclip evaluate --model URI [--config C.yaml] [--run-dir RUN] [--out report.json]
 
 ``--model`` is ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) from the MLflow registry, or a
 DAG run folder (``<root>/dashclip_nightly/<run>``) holding ``train_stage1`` and ``train_stage2``.
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from dashclip_core.config import PROJECT_ROOT, PipelineConfig, dashclip_home
 
@@ -88,13 +90,8 @@ def print_summary(run_id: str, config_path: str, wall: float | None = None) -> N
         return read_json(paths.local(name) / "summary.json") if paths.is_done(name) else None
 
     if (ev := step("evaluate")) is not None:
-        systems = ev["systems"]
-        names = list(systems)
-        metrics = [k for k in dict.fromkeys(k for m in systems.values() for k in m) if not k.startswith("n_") and not k.endswith(("_classes", "_n_photos"))]
         print(f"\neval on held-out queries ({ev['n_eval_queries']}):")
-        print(f"{'metric':24s} " + " ".join(f"{n:>20s}" for n in names))
-        for key in metrics:
-            print(f"{key:24s} " + " ".join(f"{_fmt(systems[n].get(key)):>20s}" for n in names))
+        print("\n".join(metrics_table(ev["systems"])))
     if (idx := step("build_index")) is not None:
         print(f"\nindex: {idx['factory']} with {idx['ntotal']} products (dim {idx['dim']}), recall@10 vs exact {idx['recall@10_vs_exact']:.3f}")
     if (reg := step("register_model")) is not None:
@@ -112,6 +109,18 @@ def print_summary(run_id: str, config_path: str, wall: float | None = None) -> N
                 title = h["title"] or "(image-only product)"
                 print(f"      {h['product_id']}  {title}  [{h['category']}]")
     print(f"\nrun folder: {paths.run_uri}")
+
+
+def metrics_table(systems: dict[str, dict]) -> list[str]:
+    """Lines of a metric x system table (counts such as n_queries and class totals left out)."""
+    names = list(systems)
+    metrics = [k for k in dict.fromkeys(k for m in systems.values() for k in m)
+               if not k.startswith(("n_", "rerank_k")) and not k.endswith(("_classes", "_n_photos"))]
+    widths = [max(len(n), 8) for n in names]  # one column per system, as wide as its name
+    lines = [f"{'metric':24s} " + " ".join(f"{n:>{w}s}" for n, w in zip(names, widths))]
+    for key in metrics:
+        lines.append(f"{key:24s} " + " ".join(f"{_fmt(systems[n].get(key)):>{w}s}" for n, w in zip(names, widths)))
+    return lines
 
 
 def _fmt(v) -> str:
@@ -136,15 +145,8 @@ class RunFolderModel:
     def __init__(self, run_dir: Path) -> None:
         from dashclip_core.registry.pyfunc_model import DashclipEncoders
 
-        class _Ctx:
-            def __init__(self) -> None:
-                self.artifacts = {"product_encoder": str(run_dir / "train_stage1" / "product_encoder"),
-                                  "query_encoder": str(run_dir / "train_stage2" / "query_encoder")}
-
-        ctx = _Ctx()
-        for p in ctx.artifacts.values():
-            if not Path(p).exists():
-                raise FileNotFoundError(f"{p} does not exist; --model must be a DAG run folder with train_stage1 and train_stage2")
+        src = resolve_model(str(run_dir))  # raises when an encoder folder is missing
+        ctx = SimpleNamespace(artifacts={"product_encoder": str(src.product_dir), "query_encoder": str(src.query_dir)})
         self.model = DashclipEncoders()
         self.model.load_context(ctx)
 
@@ -222,6 +224,130 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- evaluate ----------------------------------------------------------------------------------
+
+
+class ModelSource:
+    """Where a ``--model`` lives: its two encoder folders, and the DAG run and config it came from when known."""
+
+    def __init__(self, product_dir: Path, query_dir: Path, run_dir: str | None, config_path: str | None) -> None:
+        self.product_dir, self.query_dir, self.run_dir, self.config_path = product_dir, query_dir, run_dir, config_path
+
+
+def resolve_model(uri: str) -> ModelSource:
+    """Encoder folders of a registry URI (downloaded) or of a DAG run folder (as ``dashclip embed`` reads them).
+
+    Raises:
+        FileNotFoundError: a run folder without ``train_stage1/product_encoder`` or ``train_stage2/query_encoder``.
+        ValueError: a ``models:/`` URI whose pyfunc lacks the encoder artifacts.
+    """
+    if not uri.startswith("models:/"):
+        run = Path(uri)
+        src = ModelSource(run / "train_stage1" / "product_encoder", run / "train_stage2" / "query_encoder", str(run), None)
+        for p in (src.product_dir, src.query_dir):
+            if not p.exists():
+                raise FileNotFoundError(f"{p} does not exist; --model must be models:/... or a DAG run folder with train_stage1 and train_stage2")
+        return src
+    import mlflow
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+
+    _mlflow_defaults()
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    artifacts = Model.load(local).flavors.get("python_function", {}).get("artifacts", {})
+    missing = [a for a in ("product_encoder", "query_encoder") if a not in artifacts]
+    if missing:
+        raise ValueError(f"{uri}: MLmodel lists no artifact(s) {missing}; not a dashclip encoders model")
+    tags = _model_version(MlflowClient(), uri).tags or {}
+    snapshot = tags.get("catalog_snapshot")  # <run folder>/extract_catalog
+    return ModelSource(local / artifacts["product_encoder"]["path"], local / artifacts["query_encoder"]["path"],
+                       snapshot.rsplit("/", 1)[0] if snapshot else None, tags.get("config_path"))
+
+
+def _model_version(client, uri: str):
+    """The ModelVersion of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    ref = uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = ref.rpartition("/")
+    if not name or not version.isdigit():
+        raise ValueError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return client.get_model_version(name, version)
+
+
+def check_model_config(product_dir: Path, cfg: PipelineConfig, config_path: str) -> None:
+    """The saved model must match ``cfg.model``: inputs (tokenizer, image size) and the untrained baseline come from it.
+
+    Raises:
+        ValueError: naming the differing fields, the model folder and the config file.
+    """
+    from dataclasses import asdict
+
+    from dashclip_core.models.encoders import MODEL_CONFIG, saved_model_config
+
+    saved, wanted = _flat(asdict(saved_model_config(product_dir))), _flat(asdict(cfg.model))
+    differ = sorted(k for k in saved.keys() | wanted.keys() if k != "blip_checkpoint" and saved.get(k) != wanted.get(k))
+    if differ:
+        raise ValueError(f"{product_dir / MODEL_CONFIG} differs from model.* in {config_path} in field(s) "
+                         f"{['model.' + k for k in differ]}; pass the config the model was trained with (--config)")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def read_run_inputs(run_dir: str, cfg: PipelineConfig):
+    """(products, labels) of a DAG run: the validated snapshot and the labels the run trained and evaluated on."""
+    import pandas as pd
+
+    from dashclip_core.storage import localize
+
+    def step_file(step: str, name: str) -> Path:
+        path = localize(f"{run_dir.rstrip('/')}/{step}", cfg.storage.s3_endpoint_url, cfg.cache_dir()) / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; --run-dir must be a DAG run folder with {step}/{name}")
+        return path
+
+    return pd.read_parquet(step_file("validate_catalog", "clean.parquet")), pd.read_parquet(step_file("label_pairs", "labels.parquet"))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Recompute (never read back) the full report for ``--model`` on a run's snapshot and eval labels."""
+    from dashclip_core.evaluation.report import run_evaluation
+    from dashclip_core.evaluation.rerank import DEFAULT_RERANK_K
+    from dashclip_core.models.encoders import load_product_encoder
+    from dashclip_core.models.inputs import InputBuilder, embed_products
+
+    try:
+        src = resolve_model(args.model)
+        config_path = args.config or src.config_path or "configs/demo.yaml"
+        cfg = PipelineConfig.from_file(config_path)
+        run_dir = args.run_dir or src.run_dir
+        if run_dir is None:
+            raise ValueError(f"{args.model}: no catalog_snapshot tag tells which run to evaluate on; pass --run-dir")
+        check_model_config(src.product_dir, cfg, config_path)
+        products, labels = read_run_inputs(run_dir, cfg)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"dashclip evaluate: {err}", file=sys.stderr)
+        return 2
+    product_emb = embed_products(load_product_encoder(src.product_dir), InputBuilder(cfg.model), products)  # (N, D)
+    result = run_evaluation(cfg, products, labels, products["product_id"].tolist(), product_emb, src.query_dir, src.product_dir,
+                            rerank_k=args.rerank_k or DEFAULT_RERANK_K)
+    report = {"model": args.model, "run_dir": str(run_dir), "config": config_path, **result.report}
+    print(f"model {args.model}\nrun   {run_dir} ({report['n_eval_queries']} held-out queries, {report['n_products']} products)\n")
+    print("\n".join(metrics_table(report["systems"])))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(args.out) + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, args.out)  # never leave half a file at the output path
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if os.environ.get("DASHCLIP_VERBOSE") else logging.WARNING)
     parser = argparse.ArgumentParser(prog="dashclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,6 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-name", default="dashclip-demo")
     p.add_argument("--alias", default="champion")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("evaluate", help="recompute the evaluation report of a model on a DAG run's snapshot and labels")
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a DAG run folder")
+    p.add_argument("--config", help="config the model was trained with (default: the version's config_path tag, else configs/demo.yaml)")
+    p.add_argument("--run-dir", dest="run_dir", help="DAG run folder with validate_catalog and label_pairs "
+                   "(default: the run folder given as --model, or the registered version's catalog_snapshot run)")
+    p.add_argument("--out", type=Path, default=Path("report.json"))
+    p.add_argument("--rerank-k", dest="rerank_k", type=int, default=None, help="ANN candidates the ITM head re-ranks (default 20)")
+    p.set_defaults(func=cmd_evaluate)
 
     args = parser.parse_args(argv)
     return args.func(args)

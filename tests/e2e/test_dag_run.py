@@ -59,7 +59,7 @@ def test_outputs_model_index_and_report(first_run, tiny_config):
         assert paths.is_done(step), step
 
     report = read_json(paths.local("evaluate") / "report.json")
-    assert set(report["systems"]) == {"dashclip", "untrained_encoders", "image_backbone_linear_probe", "bm25_titles"}
+    assert set(report["systems"]) == {"dashclip", "dashclip_itm_rerank", "untrained_encoders", "image_backbone_linear_probe", "bm25_titles"}
     assert 0.0 <= report["systems"]["image_backbone_linear_probe"]["probe_fine_top1"] <= 1.0
     assert 0.0 <= report["systems"]["dashclip"]["ndcg@10"] <= 1.0
     for system in ("dashclip", "untrained_encoders"):
@@ -77,6 +77,13 @@ def test_outputs_model_index_and_report(first_run, tiny_config):
     version = client.get_model_version(cfg.registry.model_name, reg["version"])
     assert version.tags["airflow_run_id"] == first_run.run_id
     assert version.tags["catalog_snapshot"] == paths.uri("extract_catalog")
+
+    # The evaluate step's plots are in its folder and are artifacts of the pipeline's MLflow run.
+    plots = {"training_curves.png", "zero_shot_confusion_worst.png", "query_top5_ann.png", "query_top5_itm_rerank.png"}
+    assert {p.name for p in (paths.local("evaluate") / "plots").iterdir()} == plots
+    logged = {Path(a.path).name: a.file_size for a in client.list_artifacts(reg["mlflow_run_id"], "plots")}
+    assert set(logged) == plots and all(size > 0 for size in logged.values())
+    assert {Path(a.path).name for a in client.list_artifacts(reg["mlflow_run_id"], "evaluation")} == {"report.json", "zero_shot_predictions.parquet"}
 
     # The index answers a query embedded by the registered model.
     import mlflow
@@ -181,3 +188,26 @@ def test_cli_search_uses_the_champion_index(first_run, tiny_config, capsys):
     assert main(["search", "oat milk", "-k", "3", "--model-name", cfg.registry.model_name]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()[:2] in ("1.", "2.", "3.")]
     assert len(lines) == 3
+
+
+def test_cli_evaluate_recomputes_the_champion_report(first_run, tiny_config, tmp_path, capsys):
+    """``dashclip evaluate`` on the registered champion finds the run from the version's tags and recomputes
+    the evaluate step's figures (same model, same snapshot and labels)."""
+    import json
+
+    from dashclip_core.cli import main
+    from dashclip_core.config import PipelineConfig
+    from dashclip_core.storage import read_json
+    from tasks.common import run_paths
+
+    cfg = PipelineConfig.from_file(tiny_config)
+    out = tmp_path / "champion.json"
+    assert main(["evaluate", "--model", f"models:/{cfg.registry.model_name}@champion", "--config", str(tiny_config), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "dashclip_itm_rerank" in printed and "ndcg@10" in printed
+    mine = json.loads(out.read_text())
+    assert mine["run_dir"] == run_paths(cfg, first_run.run_id).run_uri
+    stored = read_json(run_paths(cfg, first_run.run_id).local("evaluate") / "report.json")
+    for system in ("dashclip", "dashclip_itm_rerank", "bm25_titles"):
+        for key in ("ndcg@10", "recall@10", "recall@50"):
+            assert mine["systems"][system][key] == pytest.approx(stored["systems"][system][key], abs=1e-4), (system, key)
