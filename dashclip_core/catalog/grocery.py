@@ -160,9 +160,10 @@ def _read_classes(root: Path) -> dict[int, GroceryClass]:
             if description is None:
                 logger.warning("%s: line %d: no description for class %s (neither %s nor index.csv has one)",
                                path, lineno, name, description_path)
-        # iconic path: /iconic-images-and-descriptions/<Category>/<Coarse>/<Fine>/<file>
+        # iconic path: /iconic-images-and-descriptions/<Category>/<Coarse>/[<Fine>/]<file> (no <Fine> folder when
+        # the coarse class has a single fine class of the same name: .../Fruit/Banana/Banana_Iconic.jpg)
         parts = Path(iconic.strip().lstrip("/")).parts
-        category = parts[1] if len(parts) >= 5 else ""
+        category = parts[1] if len(parts) >= 4 else ""
         classes[class_id_i] = GroceryClass(name, class_id_i, coarse_name, coarse_id_i, category, iconic_path.resolve(),
                                            description)
     if not classes:

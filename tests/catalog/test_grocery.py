@@ -5,12 +5,13 @@ from __future__ import annotations
 import collections
 import csv
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from dashclip_core.catalog.grocery import CLASSES_HEADER, GroceryLayoutError, import_grocery
+from dashclip_core.catalog.grocery import CLASSES_HEADER, GroceryLayoutError, _read_classes, import_grocery
 from dashclip_core.config import PROJECT_ROOT
 
 REAL_ROOT = Path(os.environ.get("DASHCLIP_GROCERY_ROOT", PROJECT_ROOT.parent / "shared" / "data" / "grocery_store"))
@@ -115,30 +116,36 @@ FAKE_CLASSES = [("Golden-Delicious", 0, "Apple", 0, "Fruit"), ("Granny-Smith", 1
                 ("Oatly-Oat-Milk", 2, "Oat-Milk", 1, "Packages")]
 
 
-def _fake_layout(root: Path, photos_per_class: int = 2) -> Path:
-    """A GroceryStoreDataset-shaped folder with tiny JPEGs; Granny-Smith's description lives only in index.csv."""
+def _fake_layout(root: Path, photos_per_class: int = 2, classes: Sequence[tuple[str, int, str, int, str]] = FAKE_CLASSES,
+                 descriptions: Mapping[str, str] | None = None) -> Path:
+    """A GroceryStoreDataset-shaped folder with tiny JPEGs; Granny-Smith's description lives only in index.csv.
+
+    ``descriptions`` replaces the default texts ("About <name>." in the file, "Index text for <name>." in index.csv).
+    A class named like its coarse class has no <Fine> folder in its iconic path, as in the real dataset (Banana).
+    """
+    descriptions = descriptions or {}
     dataset = root / "dataset"
     rows = [",".join(CLASSES_HEADER)]
     index = [["class_name", "description"]]
-    for name, cid, coarse, coarse_id, category in FAKE_CLASSES:
-        rel = f"iconic-images-and-descriptions/{category}/{coarse}/{name}"
+    for name, cid, coarse, coarse_id, category in classes:
+        rel = f"iconic-images-and-descriptions/{category}/{coarse}" + ("" if name == coarse else f"/{name}")
         (dataset / rel).mkdir(parents=True)
-        Image.new("RGB", (8, 8), (cid * 60, 100, 50)).save(dataset / rel / f"{name}_Iconic.jpg")
+        Image.new("RGB", (8, 8), (cid * 60 % 256, 100, 50)).save(dataset / rel / f"{name}_Iconic.jpg")
         if name != "Granny-Smith":
-            (dataset / rel / f"{name}_Description.txt").write_text(f"About {name}.\n")
-        index.append([name, f"Index text for {name}."])
+            (dataset / rel / f"{name}_Description.txt").write_text(descriptions.get(name, f"About {name}.") + "\n")
+        index.append([name, descriptions.get(name, f"Index text for {name}.")])
         rows.append(f"{name},{cid},{coarse},{coarse_id},/{rel}/{name}_Iconic.jpg,/{rel}/{name}_Description.txt")
         for split in ("train", "val"):
             folder = dataset / split / category / coarse / name
             folder.mkdir(parents=True)
             for k in range(1, photos_per_class + 1):
-                Image.new("RGB", (8, 8), (cid * 60, 50, 100)).save(folder / f"{name}_{k:03d}.jpg")
+                Image.new("RGB", (8, 8), (cid * 60 % 256, 50, 100)).save(folder / f"{name}_{k:03d}.jpg")
     (dataset / "classes.csv").write_text("\n".join(rows))
     with (root / "index.csv").open("w", newline="") as f:
         csv.writer(f).writerows(index)
     for split in ("train", "val"):
         lines = [f"{split}/{category}/{coarse}/{name}/{name}_{k:03d}.jpg, {cid}, {coarse_id}"
-                 for name, cid, coarse, coarse_id, category in FAKE_CLASSES for k in range(1, photos_per_class + 1)]
+                 for name, cid, coarse, coarse_id, category in classes for k in range(1, photos_per_class + 1)]
         (dataset / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return root
 
@@ -154,6 +161,13 @@ def test_fake_layout_imports(tmp_path, read_table):
     assert products["g-train-0003"]["description"] == "Index text for Granny-Smith."  # index.csv fallback
     assert products["g-iconic-0003"]["category"] == "Oatly-Oat-Milk"
     assert products["g-train-0002"]["image_uri"].endswith("Golden-Delicious_002.jpg")  # first N per class
+
+
+def test_category_of_single_class_coarse_classes(tmp_path):
+    """A coarse class with one fine class of the same name has no <Fine> folder in its iconic path (Banana)."""
+    root = _fake_layout(tmp_path / "grocery", classes=[*FAKE_CLASSES, ("Banana", 3, "Banana", 2, "Fruit")])
+    assert {c.name: c.category for c in _read_classes(root).values()} == {
+        "Golden-Delicious": "Fruit", "Granny-Smith": "Fruit", "Oatly-Oat-Milk": "Packages", "Banana": "Fruit"}
 
 
 def test_missing_image_names_the_file_and_line(tmp_path):
