@@ -14,18 +14,35 @@ class name with dashes as spaces ("Golden Delicious"), description = the class d
 aisle = coarse class. When a ``_Description.txt`` named by classes.csv is absent (the copy on our machines ships
 the texts only in ``index.csv``), the description comes from the ``description`` column of ``root/index.csv``.
 
-The dataset has no search log (the table is written empty). ``human_labels`` follow the class taxonomy, which is
-human annotation: for each query (a fine class title, a coarse class name, or "<attribute word> <coarse class>"),
-the query's target fine classes are 2, the other fine classes of the same coarse class 1, everything else 0.
+The dataset has no search log (the table is written empty), so :func:`grocery_queries` derives a shopper query set
+from the catalog itself, and ``human_labels`` grade it from the class taxonomy and the class descriptions (both are
+human annotation). Six kinds of query, each with its grade-2 ("high") and grade-1 ("related") fine classes:
+
+    fine         "granny smith"             the class title, lower-cased; 1 = rest of its coarse class
+    coarse       "apple"                    the coarse class name; every member is 2
+    aisle        "plant based milk"         a documented group of coarse classes or a category (``AISLES``)
+    title_word   "vanilla yoghurt"          a flavour/colour word of some (not all) titles + the coarse name
+    paraphrase   "granny smith apples"      a title rewritten by rule: brand words dropped, coarse noun added,
+                                            plural/singular; never equal to a title
+    description  "crunchy apple",           a curated attribute (``ATTRIBUTES``: taste, texture, colour, fat,
+                 "fruit for baking"         diet, origin, use) mined from titles and descriptions, on a coarse
+                                            name or a category word ("fruit", "vegetables")
+
+Everything else is 0. ~20% of the queries of every kind are held out as 'eval' and judged against every product;
+the rest are 'train' queries judged on a mixed sample (the teacher learns from those).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import random
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +52,12 @@ from dashclip_core.catalog.schema import DB_FILENAME, build_catalog_dir, write_c
 logger = logging.getLogger(__name__)
 
 GENERATOR = "dashclip_core.catalog.grocery"
-GENERATOR_VERSION = "2"  # bump whenever the imported content changes, so existing catalogs get rebuilt
+GENERATOR_VERSION = "3"  # bump whenever the imported content changes, so existing catalogs get rebuilt
 SPLITS = ("train", "val")
-ANNOTATOR = "taxonomy"  # labels derive from the dataset's human class annotations
+ANNOTATOR = "taxonomy"  # labels derive from the dataset's human class annotations and descriptions
 UPDATED_AT = "2019-01-07T00:00:00+00:00"  # the dataset's publication (WACV 2019); the photos carry no timestamps
-EVAL_FRACTION = 0.2  # share of the queries held out as 'eval' (judged densely against every product)
+EVAL_FRACTION = 0.2  # share of the queries of every kind held out as 'eval' (judged densely against every product)
+MAX_EVAL_QUERIES = 80  # each eval query is judged against the whole catalog (~3,000 photos); cap the dense labels
 TRAIN_LABELS_PER_QUERY = {2: 4, 1: 3, 0: 3}  # mixed sample of train-split/iconic products per 'train' query
 
 CLASSES_HEADER = ("Class Name (str)", "Class ID (int)", "Coarse Class Name (str)", "Coarse Class ID (int)",
@@ -49,6 +67,129 @@ CLASSES_HEADER = ("Class Name (str)", "Class ID (int)", "Coarse Class Name (str)
 FLAVOUR_WORDS = ("ecological", "lactose", "vanilla", "natural", "strawberry", "blueberry", "fresh", "shelf",
                  "apple", "orange", "grapefruit", "mandarin")
 COLOUR_WORDS = ("red", "green", "yellow", "orange")
+QUERY_KINDS = ("fine", "coarse", "aisle", "title_word", "paraphrase", "description")
+
+
+@dataclass(frozen=True)
+class Aisle:
+    """A shopper aisle word and the classes it names, by coarse class name or category (exact, by definition).
+
+    Only emitted when every coarse class / category it names is in the catalog.
+    """
+
+    text: str
+    coarse: tuple[str, ...] = ()  # coarse classes graded 2
+    categories: tuple[str, ...] = ()  # whole categories graded 2
+    related: tuple[str, ...] = ()  # coarse classes graded 1
+
+
+AISLES = (
+    Aisle("fruit", categories=("Fruit",)),
+    Aisle("vegetables", categories=("Vegetables",)),
+    Aisle("citrus fruit", coarse=("Lemon", "Lime", "Orange", "Red-Grapefruit", "Satsumas")),
+    Aisle("fruit juice", coarse=("Juice",)),  # every Juice class is apple/orange/grapefruit/mandarin juice
+    # cow's-milk products; the plant-based alternatives share the chilled shelf, so they are 1
+    Aisle("dairy", coarse=("Milk", "Sour-Cream", "Sour-Milk", "Yoghurt"),
+          related=("Oat-Milk", "Oatghurt", "Soy-Milk", "Soyghurt")),
+    Aisle("plant based milk", coarse=("Oat-Milk", "Soy-Milk"), related=("Oatghurt", "Soyghurt")),
+    Aisle("plant based yoghurt", coarse=("Oatghurt", "Soyghurt"), related=("Oat-Milk", "Soy-Milk")),
+)
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """A shopper attribute and the words of a title or description that show a class has it.
+
+    Args:
+        facet: "taste", "texture", "colour", "fat", "diet", "origin" or "use" (the cap of ``MAX_PER_FACET`` applies
+            per facet).
+        templates: query wordings, "{noun}" = the coarse name or category word; one is picked per noun by hash,
+            so synonyms ("crunchy" / "crisp") spread over nouns instead of doubling the set.
+        evidence: words or phrases of the title/description (lower-case tokens; each token also matches its simple
+            inflections: -s, -es, -er, -est, -ed, -ing, y -> ies/ier/ied, final e dropped before -ing).
+        categories: categories the attribute makes sense for ("fruit for baking", not "vegetables for baking").
+        not_before: a match followed by one of these tokens does not count ("sweet desserts" is a use, not a taste).
+        adjacent: colour mode: the word counts in the title, or in the description right before the coarse noun or
+            a part word ("dark red apple", "yellow shell"); a pepper description listing every colour does not count.
+        plural: fill "{noun}" with the plural of a produce coarse name ("apples for baking").
+    """
+
+    facet: str
+    templates: tuple[str, ...]
+    evidence: tuple[str, ...]
+    categories: tuple[str, ...] = ("Fruit", "Vegetables", "Packages")
+    not_before: tuple[str, ...] = ()
+    adjacent: bool = False
+    plural: bool = False
+
+
+_PRODUCE = ("Fruit", "Vegetables")
+_USE = {"facet": "use", "plural": True}
+# Curated from reading the 81 descriptions, plus a few synonyms of their wording ("whole milk", "full fat");
+# an attribute none of whose evidence occurs in a catalog makes no query there.
+ATTRIBUTES = (
+    # taste
+    Attribute("taste", ("sweet {noun}",), ("sweet",), not_before=("dessert",)),
+    Attribute("taste", ("sour {noun}", "tangy {noun}"), ("sour", "tart", "acid", "acidic", "acidity"),
+              not_before=("cream", "milk")),
+    Attribute("taste", ("mild {noun}",), ("mild", "mellow", "gentle")),
+    Attribute("taste", ("bitter {noun}",), ("bitter",)),
+    Attribute("taste", ("juicy {noun}",), ("juicy",)),
+    Attribute("taste", ("refreshing {noun}",), ("refreshing",)),
+    Attribute("taste", ("earthy {noun}",), ("earthy",)),
+    Attribute("taste", ("exotic {noun}",), ("exotic",)),
+    # texture
+    Attribute("texture", ("crunchy {noun}", "crisp {noun}"), ("crunchy", "crisp", "crispy")),
+    Attribute("texture", ("firm {noun}",), ("firm", "solid")),
+    Attribute("texture", ("soft {noun}",), ("soft",)),
+    Attribute("texture", ("creamy {noun}",), ("creamy", "creaminess")),
+    Attribute("texture", ("smooth {noun}",), ("smooth",)),
+    Attribute("texture", ("{noun} with pulp",), ("with pulp",), categories=("Packages",)),
+    Attribute("texture", ("{noun} without pulp", "pulp free {noun}"), ("without pulp",), categories=("Packages",)),
+    Attribute("texture", ("{noun} not from concentrate",), ("not from concentrate",), categories=("Packages",)),
+    # colour (coarse level only: "green vegetables" means leafy greens, not a green pepper)
+    *(Attribute("colour", (f"{c} {{noun}}",), (c,), categories=_PRODUCE, adjacent=True)
+      for c in ("red", "green", "yellow", "orange", "pink", "purple", "brown")),
+    # fat content (Swedish "mellanmjölk" is sold as medium fat / skimmed, 1.5%; "standardmjölk" is whole milk, 3%)
+    Attribute("fat", ("low fat {noun}",), ("low fat",), categories=("Packages",)),
+    Attribute("fat", ("semi skimmed {noun}", "skimmed {noun}"), ("skimmed", "medium fat"), categories=("Packages",)),
+    Attribute("fat", ("whole {noun}", "full fat {noun}"), ("standard milk", "full fat", "whole milk"),
+              categories=("Packages",)),
+    Attribute("fat", ("1.5% {noun}",), ("1.5 percent", "1,5 percent"), categories=("Packages",)),
+    # diet
+    Attribute("diet", ("organic {noun}",), ("organic", "ecological", "ecologically", "krav", "eko")),
+    Attribute("diet", ("lactose free {noun}",), ("lactose free", "free from lactose"), categories=("Packages",)),
+    Attribute("diet", ("low sugar {noun}", "less sugar {noun}"), ("less added sugar", "less sugar", "low sugar"),
+              categories=("Packages",)),
+    # origin
+    Attribute("origin", ("swedish {noun}",), ("swedish", "sweden")),
+    # use
+    Attribute(templates=("{noun} for baking",), evidence=("baking", "bake", "pastry", "cake", "cookie", "biscuit"),
+              categories=("Fruit", "Packages"), **_USE),
+    Attribute(templates=("{noun} for desserts",), evidence=("dessert",), categories=("Fruit", "Packages"), **_USE),
+    Attribute(templates=("{noun} for salads",), evidence=("salad",), categories=_PRODUCE, **_USE),
+    Attribute(templates=("{noun} for smoothies",), evidence=("smoothie",), **_USE),
+    Attribute(templates=("{noun} for cooking",), evidence=("cook", "boil", "fry", "stew", "grill", "wok", "oven",
+                                                         "warm dishes"), **_USE),
+    Attribute(templates=("{noun} for soup",), evidence=("soup",), categories=("Vegetables",), **_USE),
+    Attribute(templates=("{noun} for breakfast",), evidence=("breakfast",), categories=("Packages",), **_USE),
+    Attribute(templates=("{noun} for cereal",), evidence=("cereal", "muesli", "porridge"), categories=("Packages",),
+              **_USE),
+    Attribute(templates=("{noun} for coffee",), evidence=("coffee",), categories=("Packages",), **_USE),
+    Attribute(templates=("{noun} for sauces",), evidence=("sauce", "dressing"), categories=("Packages",), **_USE),
+    Attribute(templates=("{noun} for snacking",), evidence=("snack",), **_USE),
+    Attribute(templates=("{noun} for jam",), evidence=("jam", "marmalade"), categories=("Fruit",), **_USE),
+    Attribute(templates=("{noun} for mash",), evidence=("mash",), categories=("Vegetables",), **_USE),
+    Attribute(templates=("{noun} for sandwiches",), evidence=("sandwich",), categories=("Vegetables",), **_USE),
+    Attribute(templates=("{noun} for burgers",), evidence=("burger", "hamburger"), categories=("Vegetables",), **_USE),
+    Attribute(templates=("{noun} for guacamole",), evidence=("guacamole",), categories=("Fruit",), **_USE),
+    Attribute(templates=("{noun} for asian cooking",), evidence=("asian",), categories=("Vegetables",), **_USE),
+)
+# Category-level description queries use these words; packages have none (their aisles are in ``AISLES``).
+CATEGORY_NOUNS = {"Fruit": "fruit", "Vegetables": "vegetables"}
+MAX_PER_FACET = 24  # keeps "use" and "taste" from drowning the rest (see _capped_by_facet)
+COLOUR_PARTS = ("shell", "peel", "skin", "pulp")  # "<colour> <part>" in a description describes the product
+UNCOUNTABLE = ("garlic", "ginger", "asparagus")
 
 
 class GroceryLayoutError(ValueError):
@@ -74,25 +215,27 @@ class GroceryClass:
 
 @dataclass(frozen=True)
 class GroceryQuery:
-    """A query derived from the class taxonomy.
+    """A shopper query derived from the catalog, with its graded fine classes.
 
     Args:
-        text: the query string.
-        kind: "fine" (a class title), "coarse" (a coarse class name) or "attribute" ("vanilla yoghurt").
+        text: the query string (lower case, unique within a query set).
+        kind: one of ``QUERY_KINDS`` (see the module docstring).
         high: fine class names graded 2.
-        coarse: coarse class whose other fine classes are graded 1.
+        related: fine class names graded 1 (every other class is 0).
+        facet: the ``Attribute.facet`` of a "description" query, else None.
     """
 
     text: str
     kind: str
     high: frozenset[str]
-    coarse: str
+    related: frozenset[str] = frozenset()
+    facet: str | None = None
 
-    def relevance(self, fine_name: str, coarse_name: str) -> int:
-        """Grade of a product of fine class ``fine_name`` / coarse class ``coarse_name`` (0, 1 or 2)."""
+    def relevance(self, fine_name: str) -> int:
+        """Grade of a product of fine class ``fine_name`` (0, 1 or 2)."""
         if fine_name in self.high:
             return 2
-        return 1 if coarse_name == self.coarse else 0
+        return 1 if fine_name in self.related else 0
 
 
 @dataclass(frozen=True)
@@ -207,14 +350,188 @@ def _read_split(root: Path, split: str, classes: dict[int, GroceryClass], produc
 
 # ---- queries and labels --------------------------------------------------------------------------------------
 
+_TOKEN = re.compile(r"[0-9]+(?:[.,][0-9]+)?|[^\W\d_]+")
+
+
+def _tokens(text: str | None) -> list[str]:
+    """Lower-case word tokens; hyphens and apostrophes split ("lactose-free" -> lactose, free), "1.5" stays whole."""
+    return _TOKEN.findall((text or "").lower())
+
+
+@functools.cache
+def _inflections(word: str) -> frozenset[str]:
+    """``word`` and its simple English inflections (-s/-es/-er/-est/-ed/-ing, y -> ies/ier/iest/ied, e -> ing).
+
+    Deliberately no -ly or -en: "mildly pasteurized" is not a mild taste and "softens the heat" is not soft.
+    """
+    forms = {word}
+    if word.isalpha():
+        forms |= {word + s for s in ("s", "es", "er", "est", "ed", "ing")}
+        if word.endswith("y") and len(word) > 2 and word[-2] not in "aeiou":
+            forms |= {word[:-1] + s for s in ("ies", "ier", "iest", "ied")}
+        if word.endswith("e"):
+            forms |= {word + "r", word + "st", word + "d", word[:-1] + "ing"}
+    return frozenset(forms)
+
+
+def _has_phrase(tokens: Sequence[str], phrase: str, not_before: Sequence[str] = ()) -> bool:
+    """True when ``phrase``'s tokens (each up to inflection) occur consecutively in ``tokens``, not followed by an
+    inflection of a ``not_before`` word."""
+    want = [_inflections(t) for t in _tokens(phrase)]
+    stop = set().union(*(_inflections(w) for w in not_before)) if not_before else set()
+    n = len(want)
+    for i in range(len(tokens) - n + 1):
+        if all(tokens[i + k] in want[k] for k in range(n)):
+            if i + n < len(tokens) and tokens[i + n] in stop:
+                continue
+            return True
+    return False
+
+
+def _pluralize(word: str) -> str:
+    if word in UNCOUNTABLE or word.endswith("s"):
+        return word
+    if word.endswith(("x", "ch", "sh")) or (word.endswith("o") and word not in ("avocado",)):
+        return word + "es"
+    if word.endswith("y") and word[-2:-1] not in tuple("aeiou"):
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def _noun_phrase(words: Sequence[str], plural: bool) -> str:
+    return " ".join([*words[:-1], _pluralize(words[-1])] if plural and words else words)
+
+
+def _carries(cls: GroceryClass, attr: Attribute, noun: Sequence[str]) -> bool:
+    """Whether the title or description of ``cls`` shows ``attr`` (``noun``: the coarse name's tokens)."""
+    title, desc = _tokens(cls.title), _tokens(cls.description)
+    if attr.adjacent:
+        (word,) = attr.evidence
+        if word in title:
+            return True
+        after = _inflections(noun[-1]).union(*(_inflections(p) for p in COLOUR_PARTS)) if noun else frozenset()
+        return any(a == word and b in after for a, b in itertools.pairwise(desc))
+    return any(_has_phrase(t, e, attr.not_before) for e in attr.evidence for t in (title, desc))
+
+
+def _template_words(template: str) -> set[str]:
+    return set(_tokens(template.replace("{noun}", " ")))
+
+
+def _description_queries(classes: Sequence[GroceryClass]) -> list[tuple[Attribute, GroceryQuery]]:
+    """"<attribute> <coarse>" and "<attribute> <category word>" queries of ``ATTRIBUTES`` (with the attribute that
+    made each), before the facet cap.
+
+    Coarse level: 2 = classes of the coarse class that carry the attribute, 1 = the rest of the coarse class; skipped
+    when no class or every class carries it (no discrimination), or when the coarse name already holds the word
+    ("sour sour cream"). Category level ("sweet fruit", "vegetables for soup"; not for colour, and only for
+    categories in ``CATEGORY_NOUNS``): 2 = carriers of the category, 1 = the rest of the category ("sweet fruit"
+    -> a lemon is still fruit, as a Granny Smith is still an apple for "sweet apple"); skipped when none or all carry it.
+    """
+    by_coarse: dict[str, list[GroceryClass]] = {}
+    by_category: dict[str, list[GroceryClass]] = {}
+    for c in classes:
+        by_coarse.setdefault(c.coarse_name, []).append(c)
+        by_category.setdefault(c.category, []).append(c)
+    out: list[tuple[Attribute, GroceryQuery]] = []
+
+    def emit(attr: Attribute, noun_words: list[str], countable: bool, members: list[GroceryClass],
+             carriers: list[GroceryClass]) -> None:
+        if not carriers or len(carriers) == len(members):
+            return
+        noun = " ".join(noun_words)
+        template = attr.templates[_stable_hash(f"{attr.templates[0]}|{noun}") % len(attr.templates)]
+        if _template_words(template) & set(noun_words):
+            return
+        text = template.format(noun=_noun_phrase(noun_words, attr.plural and countable))
+        high = frozenset(c.name for c in carriers)
+        out.append((attr, GroceryQuery(text, "description", high, frozenset(m.name for m in members) - high,
+                                       attr.facet)))
+
+    for attr in ATTRIBUTES:
+        for coarse, members in by_coarse.items():
+            if members[0].category not in attr.categories:
+                continue
+            noun = _tokens(coarse)
+            emit(attr, noun, members[0].category in _PRODUCE, members,
+                 [m for m in members if _carries(m, attr, noun)])
+        if attr.adjacent:
+            continue
+        for category, members in by_category.items():
+            if category not in attr.categories or category not in CATEGORY_NOUNS:
+                continue
+            # evidence is judged with each class's own coarse noun; the query names the category
+            emit(attr, [CATEGORY_NOUNS[category]], False, members,
+                 [m for m in members if _carries(m, attr, _tokens(m.coarse_name))])
+    return out
+
+
+def _brand_words(classes: Sequence[GroceryClass]) -> set[str]:
+    """Words of package titles that no description ever writes in lower case ("arla", "god", "morgon", "tropicana"):
+    names, not descriptive words. Words of coarse names are never brand words ("oatghurt")."""
+    lower: set[str] = set()
+    for c in classes:
+        lower |= {t for t in _TOKEN.findall(c.description or "") if t.islower()}
+    coarse_words = {w for c in classes for w in _tokens(c.coarse_name)}
+    brand: set[str] = set()
+    for c in classes:
+        if c.category != "Packages":
+            continue
+        for w in _tokens(c.title):
+            if w not in coarse_words and not any(t in _inflections(w) or t.startswith(w) for t in lower):
+                brand.add(w)
+    return brand
+
+
+def _paraphrases(classes: Sequence[GroceryClass]) -> list[GroceryQuery]:
+    """Shopper rewrites of the fine titles, by rule, never equal to a title (lower-cased).
+
+    Packages: brand words dropped and the coarse noun moved to the end ("Tropicana Juice Smooth" -> "smooth juice",
+    "Bravo Apple Juice" -> "apple juice"). Produce: the coarse noun appended when the title lacks it ("granny smith
+    apple"), and the plural ("granny smith apples", "bananas") or singular ("carrot") of that. 2 = every class of
+    the same coarse class whose words include all of the rewrite's words ("apple juice" -> all three apple juices),
+    1 = the rest of the coarse class.
+    """
+    brand = _brand_words(classes)
+    titles = {c.title.lower() for c in classes}
+
+    def base(c: GroceryClass) -> list[str]:
+        coarse = _tokens(c.coarse_name)
+        words = _tokens(c.title)
+        if c.category == "Packages":
+            return [w for w in words if w not in brand and w not in coarse] + coarse
+        if all(any(cw in w for w in words) for cw in coarse):
+            return words
+        return words + coarse
+
+    by_coarse: dict[str, list[GroceryClass]] = {}
+    for c in classes:
+        by_coarse.setdefault(c.coarse_name, []).append(c)
+    out: list[GroceryQuery] = []
+    for c in classes:
+        words = base(c)
+        members = by_coarse[c.coarse_name]
+        high = frozenset(m.name for m in members if set(words) <= set(base(m)))
+        related = frozenset(m.name for m in members) - high
+        texts = [" ".join(words)]
+        if c.category in _PRODUCE:
+            last = words[-1]
+            if last.endswith("s") and not last.endswith(("ss", "us")):
+                texts.append(" ".join([*words[:-1], last[:-1]]))
+            else:
+                texts.append(_noun_phrase(words, plural=True))
+        out += [GroceryQuery(t, "paraphrase", high, related) for t in texts if t not in titles]
+    return out
+
 
 def grocery_queries(classes: Sequence[GroceryClass]) -> tuple[GroceryQuery, ...]:
-    """Queries derived from the class taxonomy, deduplicated by text (first definition wins).
+    """The shopper query set of a catalog, deduplicated by text (first definition wins, in ``QUERY_KINDS`` order).
 
     Returns:
-        One "fine" query per class (its title lower-cased), one "coarse" query per coarse class ("oat milk"),
-        and "attribute" queries "<word> <coarse>" for the words of ``FLAVOUR_WORDS`` (packages) and
-        ``COLOUR_WORDS`` (vegetables) that occur in some but not all fine class titles of a coarse class.
+        "fine" (one per class), "coarse" (one per coarse class), "aisle" (``AISLES`` present in the catalog),
+        "title_word" (``FLAVOUR_WORDS`` on packages, ``COLOUR_WORDS`` on vegetables, in some but not all titles
+        of a coarse class), "paraphrase" (:func:`_paraphrases`) and "description" queries
+        (:func:`_description_queries`, at most ``MAX_PER_FACET`` per facet, see :func:`_capped_by_facet`).
     """
     by_coarse: dict[str, list[GroceryClass]] = {}
     for c in classes:
@@ -224,18 +541,50 @@ def grocery_queries(classes: Sequence[GroceryClass]) -> tuple[GroceryQuery, ...]
     def add(q: GroceryQuery) -> None:
         queries.setdefault(q.text, q)
 
+    def names(members: Sequence[GroceryClass]) -> frozenset[str]:
+        return frozenset(m.name for m in members)
+
     for c in classes:
-        add(GroceryQuery(c.title.lower(), "fine", frozenset([c.name]), c.coarse_name))
+        add(GroceryQuery(c.title.lower(), "fine", frozenset([c.name]), names(by_coarse[c.coarse_name]) - {c.name}))
     for coarse, members in by_coarse.items():
-        add(GroceryQuery(coarse.replace("-", " ").lower(), "coarse", frozenset(m.name for m in members), coarse))
+        add(GroceryQuery(coarse.replace("-", " ").lower(), "coarse", names(members)))
+    categories = {c.category for c in classes}
+    for aisle in AISLES:
+        if set(aisle.coarse) <= by_coarse.keys() and set(aisle.categories) <= categories:
+            high = names([c for c in classes if c.coarse_name in aisle.coarse or c.category in aisle.categories])
+            add(GroceryQuery(aisle.text, "aisle", high, names([c for c in classes if c.coarse_name in aisle.related])))
     for coarse, members in by_coarse.items():
         coarse_text = coarse.replace("-", " ").lower()
         words = {"Packages": FLAVOUR_WORDS, "Vegetables": COLOUR_WORDS}.get(members[0].category, ())
         for word in words:
-            having = [m.name for m in members if word in m.title.lower().split()]
+            having = names([m for m in members if word in m.title.lower().split()])
             if having and len(having) < len(members) and word not in coarse_text.split():
-                add(GroceryQuery(f"{word} {coarse_text}", "attribute", frozenset(having), coarse))
+                add(GroceryQuery(f"{word} {coarse_text}", "title_word", having, names(members) - having))
+    for q in _paraphrases(classes):
+        add(q)
+    for q in _capped_by_facet([(a, q) for a, q in _description_queries(classes) if q.text not in queries]):
+        add(q)
     return tuple(queries.values())
+
+
+def _capped_by_facet(candidates: Sequence[tuple[Attribute, GroceryQuery]]) -> list[GroceryQuery]:
+    """At most ``MAX_PER_FACET`` queries per facet, taken round-robin over the facet's attributes (each attribute's
+    queries in hash order), so every attribute keeps a query before any keeps a second."""
+    per_attr: dict[Attribute, list[GroceryQuery]] = {}
+    for attr, q in candidates:
+        per_attr.setdefault(attr, []).append(q)
+    by_facet: dict[str, list[list[GroceryQuery]]] = {}
+    for attr, qs in per_attr.items():
+        by_facet.setdefault(attr.facet, []).append(sorted(qs, key=lambda q: _stable_hash(q.text)))
+    out: list[GroceryQuery] = []
+    for lists in by_facet.values():
+        kept: dict[str, GroceryQuery] = {}
+        for rank in range(max(map(len, lists))):
+            for qs in lists:
+                if rank < len(qs) and len(kept) < MAX_PER_FACET:
+                    kept.setdefault(qs[rank].text, qs[rank])
+        out += kept.values()
+    return out
 
 
 def _stable_hash(text: str) -> int:
@@ -243,13 +592,20 @@ def _stable_hash(text: str) -> int:
 
 
 def _eval_queries(queries: Sequence[GroceryQuery], val: Sequence[_Photo]) -> set[str]:
-    """The ``EVAL_FRACTION`` of all queries, picked by SHA-1 of the text among queries with a grade-2 val photo.
+    """``EVAL_FRACTION`` of the queries of every kind (at least one per kind, at most ``MAX_EVAL_QUERIES`` in all),
+    picked by SHA-1 of the text among queries with a grade-2 val photo.
 
-    Only queries that val can answer are eligible: with no relevant product NDCG is undefined.
+    Only queries that val can answer are eligible: with no relevant product NDCG is undefined. Stratifying by kind
+    keeps every kind (fine, paraphrase, description, ...) measured on held-out queries.
     """
     val_classes = {p.cls.name for p in val}
-    eligible = sorted((q.text for q in queries if q.high & val_classes), key=_stable_hash)
-    return set(eligible[:round(EVAL_FRACTION * len(queries))])
+    fraction = min(EVAL_FRACTION, MAX_EVAL_QUERIES / max(1, len(queries)))
+    chosen: set[str] = set()
+    for kind in QUERY_KINDS:
+        of_kind = [q for q in queries if q.kind == kind]
+        eligible = sorted((q.text for q in of_kind if q.high & val_classes), key=_stable_hash)
+        chosen |= set(eligible[:max(1, round(fraction * len(of_kind)))] if eligible else ())
+    return chosen
 
 
 def _labels(queries: Sequence[GroceryQuery], eval_queries: set[str], train_pool: Sequence[tuple[str, GroceryClass]],
@@ -263,7 +619,7 @@ def _labels(queries: Sequence[GroceryQuery], eval_queries: set[str], train_pool:
         if q.text in eval_queries:
             judged = [(pid, c, "eval") for pid, c in all_products]
         else:
-            grades = [q.relevance(c.name, c.coarse_name) for _, c in train_pool]
+            grades = [q.relevance(c.name) for _, c in train_pool]
             chosen: list[int] = []
             for g, k in TRAIN_LABELS_PER_QUERY.items():
                 pool = [i for i, gi in enumerate(grades) if gi == g]
@@ -272,7 +628,7 @@ def _labels(queries: Sequence[GroceryQuery], eval_queries: set[str], train_pool:
             rest = [i for i in range(len(train_pool)) if i not in taken]
             chosen += rng.sample(rest, min(len(rest), max(0, sum(TRAIN_LABELS_PER_QUERY.values()) - len(chosen))))
             judged = [(train_pool[i][0], train_pool[i][1], "train") for i in sorted(chosen)]
-        rows += [{"query": q.text, "product_id": pid, "label": q.relevance(c.name, c.coarse_name),
+        rows += [{"query": q.text, "product_id": pid, "label": q.relevance(c.name),
                   "annotator": ANNOTATOR, "split": split} for pid, c, split in judged]
     return rows
 
@@ -296,8 +652,8 @@ def import_grocery(root: Path, out_dir: Path, products_per_class: int = 0, seed:
     Steps:
         1. Read and check ``classes.csv`` and ``train.txt`` / ``val.txt`` (every listed image must exist).
         2. One product per kept photo (train, then val) and one per iconic image, with absolute ``image_uri``.
-        3. Derive queries from the taxonomy; pick ~20% as 'eval' and judge them against every product;
-           judge ~10 mixed train-split/iconic products for every other query ('train').
+        3. Derive the shopper queries (:func:`grocery_queries`); pick ~20% of every kind as 'eval' and judge them
+           against every product; judge ~10 mixed train-split/iconic products for every other query ('train').
         4. Write the DB (empty ``search_log``) with a ``meta`` table; atomically, as in the demo generator.
 
     Args:
@@ -352,8 +708,11 @@ def import_grocery(root: Path, out_dir: Path, products_per_class: int = 0, seed:
         label_rows = _labels(queries, eval_queries, train_pool, [p for split in by_split.values() for p in split], seed)
         # 4.
         write_catalog_db(tmp_dir / DB_FILENAME, products, [], label_rows, meta_items)
-        logger.info("grocery catalog from %s: %d products (%s), %d queries (%d eval), %d human labels", root,
-                    len(products), ", ".join(f"{s} {len(v)}" for s, v in by_split.items()), len(queries),
-                    len(eval_queries), len(label_rows))
+        kinds = Counter(q.kind for q in queries)
+        eval_kinds = Counter(q.kind for q in queries if q.text in eval_queries)
+        logger.info("grocery catalog from %s: %d products (%s), %d queries (%d eval; by kind %s), %d human labels",
+                    root, len(products), ", ".join(f"{s} {len(v)}" for s, v in by_split.items()), len(queries),
+                    len(eval_queries), ", ".join(f"{k} {kinds[k]}/{eval_kinds[k]} eval" for k in QUERY_KINDS),
+                    len(label_rows))
 
     return build_catalog_dir(Path(out_dir), meta_items, build)
