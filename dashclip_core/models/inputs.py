@@ -48,6 +48,15 @@ class InputBuilder:
             "has_text": torch.tensor([t is not None for t in texts], dtype=torch.bool),
         }
 
+    def images(self, image_paths: Sequence) -> Tensor:
+        """Pixels (B, 3, S, S) of products that all have an image."""
+        size, backbone = self.cfg.image.image_size, self.backbone
+        return torch.from_numpy(np.stack([load_pixels(p, size, backbone)[0] for p in image_paths]))
+
+    def product_texts(self, titles: Sequence, descriptions: Sequence) -> dict[str, Tensor]:
+        """input_ids/attention_mask (B, T) of products' text (title + description); no image decoding."""
+        return self.tokenize([product_text(_none(t), _none(d)) or "" for t, d in zip(titles, descriptions)])
+
     def queries(self, queries: Sequence[str]) -> dict[str, Tensor]:
         return self.tokenize([q.strip() for q in queries])
 

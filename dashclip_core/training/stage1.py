@@ -61,6 +61,54 @@ def shard_steps(n_rows: int, global_batch: int, world_size: int, rank: int, seed
     return [order[s * per_worker * world_size + rank * per_worker :][:per_worker] for s in range(steps)]
 
 
+STEM_CACHE = "stage1_image_stem.npy"
+
+
+def compute_stem_cache(cfg: PipelineConfig, pairs: pd.DataFrame, path: Path, batch_size: int = 32) -> Path | None:
+    """Run the frozen part of the image tower once over every training photo and store it (float16,
+    row i = ``pairs`` row i) at ``path``; None when the tower has no frozen stem or caching is off.
+
+    Why: with a frozen backbone (or only its last blocks training) the stem gives the same output in
+    every epoch, and it is most of the image tower's cost; caching it makes epochs several times cheaper.
+    """
+    encoder = build_stage1(cfg).encoder.eval()
+    if not (cfg.train.stage1_stem_cache and encoder.has_frozen_image_stem):
+        return None
+    builder = InputBuilder(cfg.model)
+    torch.set_num_threads(max(1, cfg.ray.num_cpus))  # the driver has the machine to itself before training starts
+    out = None
+    t0 = time.time()
+    for start in range(0, len(pairs), batch_size):
+        stem = encoder.image_stem(builder.images(pairs["image_uri"].iloc[start : start + batch_size].tolist()))  # (b, C, h, w)
+        if out is None:
+            tmp = path.with_suffix(".tmp.npy")
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(pairs), *stem.shape[1:]))
+        out[start : start + len(stem)] = stem.numpy().astype(np.float16)
+    out.flush()
+    del out
+    tmp.replace(path)
+    logger.info("stage1: cached the image stem of %d photos (%s) in %.1fs", len(pairs), path.name, time.time() - t0)
+    return path
+
+
+def flip_horizontally(images: Tensor, prob: float, generator: torch.Generator) -> Tensor:
+    """Mirror each image (or stem feature map: the same operation on a (C, h, w) map) with probability ``prob``."""
+    if prob <= 0:
+        return images
+    flip = torch.rand(images.shape[0], generator=generator) < prob  # (B,)
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def text_views(rows: pd.DataFrame, title_only_prob: float, generator: torch.Generator) -> tuple[list, list]:
+    """(titles, descriptions) for a batch; with probability ``title_only_prob`` a row keeps only its
+    title, so the text tower also learns to place short, query-like text next to the photo."""
+    titles, descriptions = rows["title"].tolist(), rows["description"].tolist()
+    if title_only_prob > 0:
+        drop = (torch.rand(len(rows), generator=generator) < title_only_prob).tolist()
+        descriptions = [None if d_ and isinstance(t, str) and t.strip() else d for t, d, d_ in zip(titles, descriptions, drop)]
+    return titles, descriptions
+
+
 # ---- model -------------------------------------------------------------------------------------
 
 
@@ -77,8 +125,10 @@ class Stage1Model(nn.Module):
         self.itm = ImageTextMatchingLoss()
         self.itm_weight = cfg.loss.itm_weight
 
-    def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, group_ids: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        image_emb, image_tokens = self.encoder.encode_image(pixels)  # (B, D), (B, N, H)
+    def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, group_ids: Tensor, generator: torch.Generator,
+                from_stem: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """``pixels``: (B, 3, S, S) photos, or their cached stem feature maps when ``from_stem``."""
+        image_emb, image_tokens = self.encoder.encode_image(pixels, from_stem=from_stem)  # (B, D), (B, N, H)
         text_emb, text_states = self.encoder.encode_text(input_ids, attention_mask)  # (B, D), (B, T, H)
         # ITC over the global batch: every worker's items are negatives for every other's (losses/distributed.py).
         itc = self.itc(gather_with_grad(image_emb), gather_with_grad(text_emb), gather_no_grad(group_ids))
@@ -133,6 +183,7 @@ def stage1_worker(config: dict) -> None:
     torch.set_num_threads(cfg.train.torch_threads_per_worker)
 
     pairs = pd.read_parquet(config["pairs"])
+    stem_cache = np.load(config["stem_cache"], mmap_mode="r") if config.get("stem_cache") else None  # (N, C, h, w) float16
     builder = InputBuilder(cfg.model)
     model = build_stage1(cfg)
     opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage1_lr), weight_decay=cfg.train.weight_decay)
@@ -142,16 +193,23 @@ def stage1_worker(config: dict) -> None:
     use_amp = device.type == "cuda"
     mlflow_log = MetricsLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"], "stage1", enabled=rank == 0)
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+    aug = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 1)  # flips and text views
 
     for epoch in range(start_epoch, cfg.train.stage1_epochs):
         model.train()
         meter = EpochMeter(mlflow_log, cfg.train.stage1_batch_size)
         for idx in shard_steps(len(pairs), cfg.train.stage1_batch_size, world, rank, cfg.train.seed, epoch):
             rows = pairs.iloc[idx]
-            b = builder.products(rows["title"].tolist(), rows["description"].tolist(), rows["image_uri"].tolist())
+            if stem_cache is not None:
+                images = torch.from_numpy(stem_cache[idx].astype(np.float32))
+            else:
+                images = builder.images(rows["image_uri"].tolist())
+            images = flip_horizontally(images, cfg.train.stage1_flip_prob, aug)
+            text = builder.product_texts(*text_views(rows, cfg.train.stage1_title_only_prob, aug))
             group_ids = torch.as_tensor(rows["group_id"].to_numpy())
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, parts = model(b["pixels"].to(device), b["input_ids"].to(device), b["attention_mask"].to(device), group_ids.to(device), gen)
+                loss, parts = model(images.to(device), text["input_ids"].to(device), text["attention_mask"].to(device), group_ids.to(device), gen,
+                                    from_stem=stem_cache is not None)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"stage1: non-finite loss {loss.item()} at epoch {epoch} step {step}; lower train.stage1_lr")
             opt.zero_grad(set_to_none=True)
@@ -187,7 +245,11 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
     pairs.to_parquet(pairs_path, index=False)
     t0 = time.time()
     if cfg.train.stage1_epochs > 0:
-        result = fit(stage1_worker, {"pipeline": cfg.to_dict(), "pairs": str(pairs_path), "mlflow": mlflow_run}, cfg, ray_name, ray_storage)
+        # The cache is scratch (not a step output): it lives beside Ray's checkpoints, so a retry reuses it.
+        stem_path = ray_storage / f"{ray_name}-{STEM_CACHE}"
+        stem = stem_path if stem_path.exists() else compute_stem_cache(cfg, pairs, stem_path)
+        worker_config = {"pipeline": cfg.to_dict(), "pairs": str(pairs_path), "mlflow": mlflow_run, "stem_cache": str(stem) if stem else ""}
+        result = fit(stage1_worker, worker_config, cfg, ray_name, ray_storage)
         state = read_checkpoint(result)
         final_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     else:  # zero epochs: the untrained (initial) encoder, still a real model

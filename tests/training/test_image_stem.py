@@ -1,0 +1,118 @@
+"""Partial unfreezing of the EfficientNet-Lite tower and the cached frozen stem that stage 1 trains from."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dashclip_core.config import ImageTowerConfig, PipelineConfig
+from dashclip_core.models.towers import EfficientNetLiteTower
+from dashclip_core.training.stage1 import build_stage1, compute_stem_cache, flip_horizontally, text_views
+
+SIZE = 64  # small photos: the tower is the real pretrained Lite0, only the input is small
+
+
+def lite0(trainable_blocks: int, freeze: bool = True) -> PipelineConfig:
+    base = PipelineConfig.from_file("configs/tiny.yaml")
+    image = ImageTowerConfig(backbone="efficientnet-lite0", pretrained=True, image_size=SIZE, freeze_backbone=freeze, trainable_blocks=trainable_blocks)
+    return replace(base, model=replace(base.model, image=image))
+
+
+@pytest.mark.parametrize("n", [0, 3, 16])
+def test_only_the_last_blocks_and_head_train(n):
+    tower = EfficientNetLiteTower(lite0(n).model.image)
+    blocks = tower.backbone._blocks
+    trains = [any(p.requires_grad for p in b.parameters()) for b in blocks]
+    assert trains == [False] * (len(blocks) - n) + [True] * n
+    assert tower.backbone._conv_head.weight.requires_grad == (n > 0)
+    assert not tower.backbone._conv_stem.weight.requires_grad
+    assert not any(p.requires_grad for p in tower.backbone._fc.parameters())  # ImageNet classifier unused
+
+
+def test_out_of_range_trainable_blocks_is_a_config_error():
+    with pytest.raises(ValueError, match="trainable_blocks must be in 0..16"):
+        EfficientNetLiteTower(lite0(17).model.image)
+
+
+def test_batchnorm_keeps_imagenet_statistics_in_train_mode():
+    tower = EfficientNetLiteTower(lite0(4).model.image).train()
+    before = tower.backbone._bn1.running_mean.clone()
+    tower(torch.randn(4, 3, SIZE, SIZE))
+    assert torch.equal(tower.backbone._bn1.running_mean, before)
+    assert all(not m.training for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_stem_then_tail_equals_the_whole_tower_and_gradients_stop_at_the_stem():
+    cfg = lite0(4)
+    model = build_stage1(cfg).eval()
+    enc = model.encoder
+    pixels = torch.randn(3, 3, SIZE, SIZE)
+    full_emb, full_tokens = enc.encode_image(pixels)
+    stem = enc.image_stem(pixels)
+    assert stem.shape[1] == enc.image_tower.backbone._blocks[12]._block_args.input_filters
+    emb, tokens = enc.encode_image(stem, from_stem=True)
+    assert torch.allclose(emb, full_emb, atol=1e-5) and torch.allclose(tokens, full_tokens, atol=1e-5)
+
+    enc.train()
+    emb, _ = enc.encode_image(stem.requires_grad_(False), from_stem=True)
+    emb.sum().backward()
+    assert enc.image_tower.backbone._blocks[-1]._project_conv.weight.grad is not None
+    assert enc.image_tower.backbone._blocks[0]._project_conv.weight.grad is None
+
+
+def test_a_fully_trainable_tower_has_no_frozen_stem():
+    enc = build_stage1(lite0(0, freeze=False)).encoder
+    assert not enc.has_frozen_image_stem
+    with pytest.raises(ValueError, match="no frozen stem"):
+        enc.image_stem(torch.randn(1, 3, SIZE, SIZE))
+
+
+def test_stem_cache_rows_match_a_live_stem(tmp_path, demo_photos):
+    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1})
+    pairs = demo_photos.head(5)
+    path = compute_stem_cache(cfg, pairs, tmp_path / "stem.npy", batch_size=2)  # 2 + 2 + 1: the last batch is partial
+    cache = np.load(path)
+    assert cache.dtype == np.float16 and cache.shape[0] == 5
+    from dashclip_core.models.inputs import InputBuilder
+
+    live = build_stage1(cfg).encoder.eval().image_stem(InputBuilder(cfg.model).images(pairs["image_uri"].tolist()))
+    assert torch.allclose(torch.from_numpy(cache.astype(np.float32)), live, atol=2e-2, rtol=1e-2)  # float16 storage
+    assert not list(tmp_path.glob("*.tmp.npy"))  # written atomically
+
+    off = cfg.with_overrides(**{"train.stage1_stem_cache": False})
+    assert compute_stem_cache(off, pairs, tmp_path / "off.npy") is None
+
+
+def test_flip_mirrors_the_chosen_rows_only():
+    x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 3)
+    assert torch.equal(flip_horizontally(x, 0.0, torch.Generator()), x)
+    out = flip_horizontally(x, 1.0, torch.Generator())
+    assert torch.equal(out, x.flip(-1))
+    assert torch.equal(out[0, 0, 0], torch.tensor([2.0, 1.0, 0.0]))
+
+
+def test_title_only_view_drops_descriptions_but_never_leaves_a_row_without_text():
+    rows = pd.DataFrame({"title": ["Oat Milk", None, "Kiwi"], "description": ["Creamy oat drink.", "Only a description.", "Green."]})
+    titles, desc = text_views(rows, 1.0, torch.Generator())
+    assert titles[0] == "Oat Milk" and not isinstance(titles[1], str)
+    assert desc == [None, "Only a description.", None]  # a row without a title keeps its description
+    assert text_views(rows, 0.0, torch.Generator())[1] == rows["description"].tolist()
+
+
+@pytest.fixture(scope="module")
+def demo_photos(tmp_path_factory) -> pd.DataFrame:
+    """A few real PNG product photos from the demo catalog generator."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        p = folder / f"p{i}.png"
+        Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return pd.DataFrame({"product_id": [f"p{i}" for i in range(5)], "title": ["t"] * 5, "description": ["d"] * 5, "image_uri": paths})
