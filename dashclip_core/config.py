@@ -99,6 +99,10 @@ class LossConfig:
     temperature: float = 0.07  # initial; learned as log(1/temperature)
     learn_temperature: bool = True
     itm_weight: float = 1.0
+    momentum_distillation: bool = False  # ALBEF/BLIP: ITC targets blend in a momentum encoder's similarities (and the queue's features)
+    momentum: float = 0.995  # EMA coefficient of the momentum encoder
+    distill_alpha: float = 0.4  # weight of the momentum encoder's soft targets (ramped up over the first epoch, as ALBEF)
+    queue_size: int = 0  # >0: ITC also contrasts against this many earlier momentum features (needs momentum_distillation)
     qcc_temperature: float = 0.05
     qcc_moderate_weight: float = 0.5  # weight of label-1 (moderately relevant) positives vs 1.0 for label 2
 
@@ -115,6 +119,9 @@ class TrainConfig:
     stage1_flip_prob: float = 0.0  # horizontal flip of a training photo (of its cached stem feature map, when cached)
     stage1_title_only_prob: float = 0.0  # pair a photo with its title alone (short, query-like text) instead of title + description
     stage2_lr: float = 5e-5
+    lr_schedule: str = "cosine"  # "cosine": linear warm-up then cosine decay to min_lr_factor (BLIP) | "constant"
+    warmup_fraction: float = 0.05  # of each stage's steps
+    min_lr_factor: float = 0.1  # cosine floor, as a fraction of the base rate
     head_lr_multiplier: float = 10.0  # projections / fusion / ITM head learn faster than pretrained towers
     weight_decay: float = 0.01
     num_workers: int = 2  # Ray Train workers

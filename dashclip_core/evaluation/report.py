@@ -82,15 +82,66 @@ def image_backbone_features(product_encoder, cfg: PipelineConfig, products: pd.D
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def linear_probe(product_encoder, cfg: PipelineConfig, products: pd.DataFrame, photos: pd.DataFrame) -> dict:
+class PooledImageFeatures:
+    """The untrained image tower's pooled output for every product with an image, computed once.
+
+    Why: the untrained-encoder baseline, its zero-shot figures and the linear probe all need exactly this
+    (the pretrained backbone before any projection); one pass over the photos instead of three keeps the
+    evaluate step affordable on a CPU with a large catalog.
+    """
+
+    def __init__(self, encoder, cfg: PipelineConfig, products: pd.DataFrame) -> None:
+        with_image = products[products["image_uri"].notna()]
+        self.row = {p: i for i, p in enumerate(with_image["product_id"])}
+        self.features = image_backbone_features(encoder, cfg, with_image)  # (N_image, C)
+
+    def of(self, product_ids) -> np.ndarray:
+        return self.features[[self.row[p] for p in product_ids]]
+
+
+def embeddings_from_pooled(encoder, builder, products: pd.DataFrame, pooled: PooledImageFeatures, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``ProductEncoder.encode_product`` with the image tower's pooled output precomputed.
+
+    Returns:
+        (product embeddings (N, D), image-only embeddings (N, D), zero rows for products without an image).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from dashclip_core.models.inputs import product_text
+
+    emb = np.zeros((len(products), encoder.cfg.embed_dim), np.float32)
+    image_emb = np.zeros_like(emb)
+    ids = products["product_id"].to_numpy()
+    has_image = products["image_uri"].notna().to_numpy()
+    texts = [product_text(t if isinstance(t, str) else None, d if isinstance(d, str) else None)
+             for t, d in zip(products["title"], products["description"])]
+    with torch.no_grad():
+        if has_image.any():
+            image_emb[has_image] = F.normalize(encoder.image_proj(torch.from_numpy(pooled.of(ids[has_image]))), dim=-1).numpy()
+        emb += image_emb
+        text_rows = [i for i, t in enumerate(texts) if t is not None]
+        for start in range(0, len(text_rows), batch_size):
+            rows = text_rows[start : start + batch_size]
+            tok = builder.tokenize([texts[i] for i in rows])
+            emb[rows] += encoder.encode_text(tok["input_ids"], tok["attention_mask"])[0].float().numpy()
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12), image_emb
+
+
+def linear_probe(product_encoder, cfg: PipelineConfig, products: pd.DataFrame, photos: pd.DataFrame,
+                 pooled: PooledImageFeatures | None = None) -> dict:
     """Baseline: softmax regression on frozen image-backbone features, fit on the training products'
-    photos (never the held-out ones), scored top-1 on the held-out photos (fine and coarse)."""
+    photos (never the held-out ones), scored top-1 on the held-out photos (fine and coarse).
+    ``pooled``: the backbone features, when already computed."""
     from dashclip_core.labeling.teacher import SoftmaxTeacher
 
     train = products[products["image_uri"].notna() & ~products["product_id"].isin(set(photos["product_id"]))]
     if photos.empty or train.empty:
         return {}
-    x_train, x_test = image_backbone_features(product_encoder, cfg, train), image_backbone_features(product_encoder, cfg, photos)
+    if pooled is not None:
+        x_train, x_test = pooled.of(train["product_id"]), pooled.of(photos["product_id"])
+    else:
+        x_train, x_test = image_backbone_features(product_encoder, cfg, train), image_backbone_features(product_encoder, cfg, photos)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6  # standardise: the probe's L2 then treats features alike
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     out = {}
@@ -146,7 +197,8 @@ def class_prompt(name: str) -> str:
 ZERO_SHOT_LEVELS = (("category", "fine"), ("aisle", "coarse"))  # catalog column, name in the report
 
 
-def zero_shot_predictions(product_encoder, query_encoder, cfg: PipelineConfig, photos: pd.DataFrame, catalog: pd.DataFrame) -> pd.DataFrame:
+def zero_shot_predictions(product_encoder, query_encoder, cfg: PipelineConfig, photos: pd.DataFrame, catalog: pd.DataFrame,
+                          image_emb: np.ndarray | None = None) -> pd.DataFrame:
     """Per-photo zero-shot predictions: each image-only product embedding is assigned the class whose
     name, embedded as a query, is nearest (the CLIP zero-shot protocol with queries as prompts).
     Classes are every ``category`` (fine) / ``aisle`` (coarse) value in ``catalog``.
@@ -161,7 +213,8 @@ def zero_shot_predictions(product_encoder, query_encoder, cfg: PipelineConfig, p
     if photos.empty:
         return pd.DataFrame(columns=columns)
     builder = InputBuilder(cfg.model)
-    image_emb = embed_products(product_encoder, builder, photos.assign(title=None, description=None))  # (N, D)
+    if image_emb is None:  # the photos' image-only embeddings, unless the caller has them
+        image_emb = embed_products(product_encoder, builder, photos.assign(title=None, description=None))  # (N, D)
     out = pd.DataFrame({"product_id": photos["product_id"].to_numpy()})
     for col, name in ZERO_SHOT_LEVELS:
         classes = sorted(set(catalog[col].astype(str)))
@@ -252,12 +305,16 @@ def run_evaluation(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataF
     systems["dashclip_itm_rerank"] = {**ranking_metrics(rerank, judgments, cfg, image_only), **stats}
 
     p_enc, q_enc = untrained_encoders(cfg)
-    p_init, q_init = embed_products(p_enc, builder, products), embed_queries(q_enc, builder, queries)
+    pooled = PooledImageFeatures(p_enc, cfg, products)  # one pass over the photos serves all three baselines below
+    p_init, image_init = embeddings_from_pooled(p_enc, builder, products, pooled)
+    q_init = embed_queries(q_enc, builder, queries)
+    photo_rows = products.reset_index(drop=True).index[products["product_id"].isin(set(photos["product_id"])).to_numpy()]
+    zero_shot_init = zero_shot_predictions(p_enc, q_enc, cfg, photos, products, image_emb=image_init[photo_rows])
     systems["untrained_encoders"] = {**embedding_system(products, ann_rankings(queries, q_init, products, p_init, max(cfg.evaluation.ks)),
                                                         p_init, judgments, cfg, image_only),
-                                     **zero_shot_accuracy(p_enc, q_enc, cfg, photos, products)}
+                                     **zero_shot_metrics(zero_shot_init, products)}
     bm25 = BM25Index([_str(t) for t in products["title"]], products["product_id"].tolist())
-    systems["image_backbone_linear_probe"] = linear_probe(p_enc, cfg, products, photos)
+    systems["image_backbone_linear_probe"] = linear_probe(p_enc, cfg, products, photos, pooled)
     systems["bm25_titles"] = ranking_metrics({q: bm25.rank(q, max(cfg.evaluation.ks)) for q in queries}, judgments, cfg, image_only)
 
     samples = sample_queries or queries[:3]

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from dashclip_core.config import PipelineConfig, per_worker_batch_size
-from dashclip_core.losses import ImageTextContrastiveLoss, ImageTextMatchingLoss, itm_labels, sample_itm_negatives
+from dashclip_core.losses import (FeatureQueue, ImageTextContrastiveLoss, ImageTextMatchingLoss, MomentumDistillationITCLoss,
+                                  MomentumEncoder, itm_labels, sample_itm_negatives)
 from dashclip_core.losses.distributed import gather_no_grad, gather_with_grad
 from dashclip_core.models.encoders import ProductEncoder, count_parameters, save_encoder
 from dashclip_core.models.inputs import InputBuilder, product_text
@@ -121,17 +122,46 @@ class Stage1Model(nn.Module):
     def __init__(self, cfg: PipelineConfig) -> None:
         super().__init__()
         self.encoder = ProductEncoder(cfg.model)
-        self.itc = ImageTextContrastiveLoss(cfg.loss.temperature, cfg.loss.learn_temperature)
+        lc = cfg.loss
+        if lc.queue_size and not lc.momentum_distillation:
+            raise ValueError("loss.queue_size needs loss.momentum_distillation: the queue holds momentum-encoder features")
+        if lc.momentum_distillation:
+            # ALBEF Sec. 3.3 / BLIP Sec. 3.2: an EMA copy of the encoder gives soft ITC targets (and queued negatives).
+            self.momentum_encoder = MomentumEncoder(self.encoder)
+            self.queue = FeatureQueue(lc.queue_size, cfg.model.embed_dim) if lc.queue_size else None
+            self.itc = MomentumDistillationITCLoss(lc.temperature, lc.learn_temperature)
+        else:
+            self.momentum_encoder, self.queue = None, None
+            self.itc = ImageTextContrastiveLoss(lc.temperature, lc.learn_temperature)
+        self.momentum = lc.momentum
         self.itm = ImageTextMatchingLoss()
         self.itm_weight = cfg.loss.itm_weight
 
+    def contrastive(self, image_emb: Tensor, text_emb: Tensor, group_ids: Tensor, images: Tensor, input_ids: Tensor,
+                    attention_mask: Tensor, from_stem: bool, alpha: float):
+        """ITC over the global batch: every worker's items are negatives for every other's (losses/distributed.py);
+        with momentum distillation, against the momentum encoder's targets and the queue too."""
+        groups = gather_no_grad(group_ids)
+        if self.momentum_encoder is None:
+            return self.itc(gather_with_grad(image_emb), gather_with_grad(text_emb), groups)
+        with torch.no_grad():
+            if self.training:
+                self.momentum_encoder.update(self.encoder, self.momentum)  # ALBEF: update first, then encode
+            image_m, _ = self.momentum_encoder.module.encode_image(images, from_stem=from_stem)
+            text_m, _ = self.momentum_encoder.module.encode_text(input_ids, attention_mask)
+            image_m, text_m = gather_no_grad(image_m), gather_no_grad(text_m)
+        itc = self.itc(gather_with_grad(image_emb), gather_with_grad(text_emb), image_m, text_m, groups, queue=self.queue, alpha=alpha)
+        if self.queue is not None and self.training:
+            self.queue.enqueue(image_m, text_m, groups)  # every rank enqueues the same global batch
+        return itc
+
     def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, group_ids: Tensor, generator: torch.Generator,
-                from_stem: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """``pixels``: (B, 3, S, S) photos, or their cached stem feature maps when ``from_stem``."""
+                from_stem: bool = False, alpha: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+        """``pixels``: (B, 3, S, S) photos, or their cached stem feature maps when ``from_stem``;
+        ``alpha``: weight of the momentum encoder's soft ITC targets (momentum distillation only)."""
         image_emb, image_tokens = self.encoder.encode_image(pixels, from_stem=from_stem)  # (B, D), (B, N, H)
         text_emb, text_states = self.encoder.encode_text(input_ids, attention_mask)  # (B, D), (B, T, H)
-        # ITC over the global batch: every worker's items are negatives for every other's (losses/distributed.py).
-        itc = self.itc(gather_with_grad(image_emb), gather_with_grad(text_emb), gather_no_grad(group_ids))
+        itc = self.contrastive(image_emb, text_emb, group_ids, pixels, input_ids, attention_mask, from_stem, alpha)
 
         # ITM with hard negatives sampled from the ITC similarities (BLIP Sec. 3.2), within this worker's
         # slice: a negative from another worker would need its token states shipped here.
@@ -176,6 +206,7 @@ def stage1_worker(config: dict) -> None:
     import ray.train.torch
 
     from dashclip_core.training.ray_launcher import EpochMeter, MetricsLogger, end_epoch, resume
+    from dashclip_core.training.schedule import apply_lr, stage_lr_factor
 
     cfg = PipelineConfig.from_dict(config["pipeline"])
     ctx = ray.train.get_context()
@@ -187,6 +218,7 @@ def stage1_worker(config: dict) -> None:
     builder = InputBuilder(cfg.model)
     model = build_stage1(cfg)
     opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage1_lr), weight_decay=cfg.train.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]  # before resume: the checkpoint's optimizer holds a decayed rate
     start_epoch, step = resume(model, opt, "stage1")  # a retried run continues after its last finished epoch
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU)
     device = ray.train.torch.get_device()
@@ -198,7 +230,10 @@ def stage1_worker(config: dict) -> None:
     for epoch in range(start_epoch, cfg.train.stage1_epochs):
         model.train()
         meter = EpochMeter(mlflow_log, cfg.train.stage1_batch_size)
-        for idx in shard_steps(len(pairs), cfg.train.stage1_batch_size, world, rank, cfg.train.seed, epoch):
+        steps = shard_steps(len(pairs), cfg.train.stage1_batch_size, world, rank, cfg.train.seed, epoch)
+        for i, idx in enumerate(steps):
+            # ALBEF ramps the distillation weight up over the first epoch, while the momentum encoder is still poor.
+            alpha = cfg.loss.distill_alpha * (min(1.0, (i + 1) / len(steps)) if epoch == 0 else 1.0)
             rows = pairs.iloc[idx]
             if stem_cache is not None:
                 images = torch.from_numpy(stem_cache[idx].astype(np.float32))
@@ -209,11 +244,12 @@ def stage1_worker(config: dict) -> None:
             group_ids = torch.as_tensor(rows["group_id"].to_numpy())
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss, parts = model(images.to(device), text["input_ids"].to(device), text["attention_mask"].to(device), group_ids.to(device), gen,
-                                    from_stem=stem_cache is not None)
+                                    from_stem=stem_cache is not None, alpha=alpha)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"stage1: non-finite loss {loss.item()} at epoch {epoch} step {step}; lower train.stage1_lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            apply_lr(opt, base_lrs, stage_lr_factor(cfg.train, step, len(steps), cfg.train.stage1_epochs))
             opt.step()
             step += 1
             meter.add(parts, step)

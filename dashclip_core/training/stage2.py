@@ -60,6 +60,7 @@ def stage2_worker(config: dict) -> None:
     import ray.train.torch
 
     from dashclip_core.training.ray_launcher import EpochMeter, MetricsLogger, end_epoch, resume
+    from dashclip_core.training.schedule import apply_lr, stage_lr_factor
 
     cfg = PipelineConfig.from_dict(config["pipeline"])
     ctx = ray.train.get_context()
@@ -76,6 +77,7 @@ def stage2_worker(config: dict) -> None:
     model = Stage2Model(QueryEncoder.from_product_encoder(product_encoder, cfg.model.text.trainable_layers), cfg)
     del product_encoder
     opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage2_lr), weight_decay=cfg.train.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]  # before resume: the checkpoint's optimizer holds a decayed rate
     start_epoch, step = resume(model, opt, "stage2")  # a retried run continues after its last finished epoch
     cache_chunk = cfg.train.stage2_grad_cache_chunk
     if cache_chunk > 0:
@@ -91,7 +93,8 @@ def stage2_worker(config: dict) -> None:
     for epoch in range(start_epoch, cfg.train.stage2_epochs):
         model.train()
         meter = EpochMeter(mlflow_log, cfg.train.stage2_batch_size)
-        for idx in shard_steps(len(pos), cfg.train.stage2_batch_size, world, rank, cfg.train.seed + 17, epoch):
+        steps = shard_steps(len(pos), cfg.train.stage2_batch_size, world, rank, cfg.train.seed + 17, epoch)
+        for idx in steps:
             rows = pos.iloc[idx]
             queries = rows["query"].tolist()
             pidx = rows["product_idx"].to_numpy()
@@ -117,6 +120,7 @@ def stage2_worker(config: dict) -> None:
                 raise FloatingPointError(f"stage2: non-finite loss {loss.item()} at epoch {epoch} step {step}; lower train.stage2_lr")
             if cache_chunk <= 0:
                 loss.backward()
+            apply_lr(opt, base_lrs, stage_lr_factor(cfg.train, step, len(steps), cfg.train.stage2_epochs))
             opt.step()
             step += 1
             meter.add(parts, step)

@@ -78,3 +78,29 @@ def test_holdout_products_are_never_trained_on(tiny_config):
     products = pd.DataFrame({"product_id": ["g-train-1", "g-val-1", "g-iconic-1", "xg-val-2"]})
     assert trainable_products(products, cfg)["product_id"].tolist() == ["g-train-1", "g-iconic-1", "xg-val-2"]
     assert len(trainable_products(products, PipelineConfig.from_file(tiny_config))) == 4
+
+
+def test_momentum_distillation_step_updates_the_ema_copy_and_fills_the_queue(tiny_config):
+    base = PipelineConfig.from_file(tiny_config)
+    cfg = base.with_overrides(**{"loss.momentum_distillation": True, "loss.queue_size": 8, "loss.momentum": 0.5})
+    model = build_stage1(cfg).train()
+    assert not any(p.requires_grad for p in model.momentum_encoder.parameters())
+    b, s = 6, cfg.model.image.image_size
+    pixels, ids = torch.randn(b, 3, s, s), torch.randint(1000, 2000, (b, 7))
+    mask, groups = torch.ones(b, 7, dtype=torch.long), torch.tensor([0, 0, 1, 2, 3, 4])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    loss, parts = model(pixels, ids, mask, groups, torch.Generator().manual_seed(0), alpha=0.4)
+    assert torch.isfinite(loss) and model.queue.num_filled() == b
+    assert model.queue.group_id_queue[:b].tolist() == groups.tolist()
+    loss.backward()
+    opt.step()
+    online = model.encoder.text_proj.weight.detach().clone()
+    before = model.momentum_encoder.module.text_proj.weight.detach().clone()
+    model(pixels, ids, mask, groups, torch.Generator().manual_seed(0), alpha=0.4)
+    after = model.momentum_encoder.module.text_proj.weight
+    assert torch.allclose(after, 0.5 * before + 0.5 * online, atol=1e-6)  # EMA with m = 0.5
+    assert model.queue.num_filled() == 8  # ring buffer of 8 after 12 items
+    assert "queue.group_id_queue" in model.state_dict()  # checkpoints carry the queue (resume)
+
+    with pytest.raises(ValueError, match="needs loss.momentum_distillation"):
+        build_stage1(base.with_overrides(**{"loss.queue_size": 8}))
