@@ -25,6 +25,7 @@ import pandas as pd
 from dashclip_core.config import PipelineConfig
 from dashclip_core.evaluation.bm25 import BM25Index
 from dashclip_core.evaluation.metrics import category_accuracy, evaluate_rankings
+from dashclip_core.evaluation.text_to_image import text_to_image_metrics
 from dashclip_core.evaluation.rerank import DEFAULT_RERANK_K
 
 logger = logging.getLogger(__name__)
@@ -129,10 +130,11 @@ def embeddings_from_pooled(encoder, builder, products: pd.DataFrame, pooled: Poo
 
 
 def linear_probe(product_encoder, cfg: PipelineConfig, products: pd.DataFrame, photos: pd.DataFrame,
-                 pooled: PooledImageFeatures | None = None) -> dict:
+                 pooled: PooledImageFeatures | None = None, fine_scores: dict | None = None) -> dict:
     """Baseline: softmax regression on frozen image-backbone features, fit on the training products'
     photos (never the held-out ones), scored top-1 on the held-out photos (fine and coarse).
-    ``pooled``: the backbone features, when already computed."""
+    ``pooled``: the backbone features, when already computed. ``fine_scores``: when given, receives
+    ``classes`` and ``log_probs`` (photos x fine classes), for text -> image ranking by the probe."""
     from dashclip_core.labeling.teacher import SoftmaxTeacher
 
     train = products[products["image_uri"].notna() & ~products["product_id"].isin(set(photos["product_id"]))]
@@ -152,6 +154,12 @@ def linear_probe(product_encoder, cfg: PipelineConfig, products: pd.DataFrame, p
         probe = SoftmaxTeacher(x_train.shape[1], l2=1e-3, seed=cfg.train.seed, n_classes=len(classes)).fit(x_train.astype(np.float32), y, steps=300)
         pred = probe.predict(x_test.astype(np.float32))
         out[f"probe_{name}_top1"] = float((pred == photos[col].astype(str).map(index).to_numpy()).mean())
+        if name == "fine" and fine_scores is not None:
+            import torch
+
+            with torch.no_grad():
+                fine_scores["log_probs"] = torch.log_softmax(probe.linear(torch.from_numpy(x_test.astype(np.float32))), dim=1).numpy()
+            fine_scores["classes"] = classes
     return out
 
 
@@ -298,8 +306,16 @@ def run_evaluation(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataF
     q_trained = embed_queries(query_encoder, builder, queries)
     depth = max(max(cfg.evaluation.ks), rerank_k)
     ann = ann_rankings(queries, q_trained, products, product_emb, depth)
-    zero_shot = zero_shot_predictions(product_encoder, query_encoder, cfg, photos, products)
-    systems = {"dashclip": {**embedding_system(products, ann, product_emb, judgments, cfg, image_only), **zero_shot_metrics(zero_shot, products)}}
+    photo_emb = embed_products(product_encoder, builder, photos.assign(title=None, description=None))  # image-only (N, D)
+    zero_shot = zero_shot_predictions(product_encoder, query_encoder, cfg, photos, products, image_emb=photo_emb)
+    fine_classes = sorted(set(products["category"].astype(str)))
+    prompts = [class_prompt(c) for c in fine_classes]
+
+    def t2i(scores: np.ndarray) -> dict:  # class prompts x held-out photos
+        return text_to_image_metrics(scores, fine_classes, prompts, photos, products, cfg.evaluation.ks) if len(photos) else {}
+
+    systems = {"dashclip": {**embedding_system(products, ann, product_emb, judgments, cfg, image_only), **zero_shot_metrics(zero_shot, products),
+                            **t2i(embed_queries(query_encoder, builder, prompts) @ photo_emb.T)}}
     reranked, stats = itm_rerank(product_encoder, builder, queries, [ann[q] for q in queries], products, k=rerank_k)
     rerank = dict(zip(queries, reranked))
     systems["dashclip_itm_rerank"] = {**ranking_metrics(rerank, judgments, cfg, image_only), **stats}
@@ -312,9 +328,14 @@ def run_evaluation(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataF
     zero_shot_init = zero_shot_predictions(p_enc, q_enc, cfg, photos, products, image_emb=image_init[photo_rows])
     systems["untrained_encoders"] = {**embedding_system(products, ann_rankings(queries, q_init, products, p_init, max(cfg.evaluation.ks)),
                                                         p_init, judgments, cfg, image_only),
-                                     **zero_shot_metrics(zero_shot_init, products)}
+                                     **zero_shot_metrics(zero_shot_init, products),
+                                     **t2i(embed_queries(q_enc, builder, prompts) @ image_init[photo_rows].T)}
     bm25 = BM25Index([_str(t) for t in products["title"]], products["product_id"].tolist())
-    systems["image_backbone_linear_probe"] = linear_probe(p_enc, cfg, products, photos, pooled)
+    probe_scores: dict = {}
+    systems["image_backbone_linear_probe"] = linear_probe(p_enc, cfg, products, photos, pooled, fine_scores=probe_scores)
+    if probe_scores:
+        order = [probe_scores["classes"].index(c) for c in fine_classes]
+        systems["image_backbone_linear_probe"].update(t2i(probe_scores["log_probs"][:, order].T))
     systems["bm25_titles"] = ranking_metrics({q: bm25.rank(q, max(cfg.evaluation.ks)) for q in queries}, judgments, cfg, image_only)
 
     samples = sample_queries or queries[:3]

@@ -66,6 +66,9 @@ def test_outputs_model_index_and_report(first_run, tiny_config):
         block = report["systems"][system]
         assert 0.0 <= block["zero_shot_fine_top1"] <= 1.0 and block["zero_shot_n_photos"] > 0
         assert block["zero_shot_fine_classes"] == len(pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")["category"].unique())
+    for system in ("dashclip", "untrained_encoders", "image_backbone_linear_probe"):  # text -> image over the held-out photos
+        block = report["systems"][system]
+        assert 0.0 < block["t2i_ndcg@10"] <= 1.0 and 0.0 <= block["t2i_recall@10"] <= 1.0 and block["t2i_n_queries"] > 0
     assert report["n_eval_queries"] > 0
 
     client = MlflowClient(cfg.tracking_uri())
