@@ -258,14 +258,16 @@ def evaluate(index: dict, params: dict | None = None, run_id: str | None = None)
         from dashclip_core.evaluation.report import run_evaluation
         from dashclip_core.registry.mlflow_registry import client, log_artifact_dir, log_metrics
         from dashclip_core.storage import write_json
-        from dashclip_core.training.stage1 import PRODUCT_ENCODER_DIR
+        from dashclip_core.models.image_stem import StemStore
+        from dashclip_core.training.stage1 import IMAGE_STEM, PRODUCT_ENCODER_DIR
         from dashclip_core.training.stage2 import QUERY_ENCODER_DIR
 
         products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
         labels = pd.read_parquet(paths.local("label_pairs") / "labels.parquet")
         ids, matrix = read_embeddings(paths.local("backfill_embeddings") / "embeddings.parquet")
+        stem_store = StemStore.open(ray_storage(cfg, paths) / IMAGE_STEM, cfg.model)  # the frozen image stem stage 1 computed
         result = run_evaluation(cfg, products, labels, ids, matrix, paths.local("train_stage2") / QUERY_ENCODER_DIR,
-                                paths.local("train_stage1") / PRODUCT_ENCODER_DIR)
+                                paths.local("train_stage1") / PRODUCT_ENCODER_DIR, stem_store=stem_store)
         report = result.report
         write_json(out / "report.json", report)
         result.zero_shot.to_parquet(out / "zero_shot_predictions.parquet", index=False)  # per photo: kept out of the report

@@ -26,6 +26,7 @@ from dashclip_core.config import PipelineConfig
 from dashclip_core.evaluation.bm25 import BM25Index
 from dashclip_core.evaluation.metrics import category_accuracy, evaluate_rankings
 from dashclip_core.evaluation.text_to_image import text_to_image_metrics
+from dashclip_core.models.image_stem import embeddings_from_pooled
 from dashclip_core.evaluation.rerank import DEFAULT_RERANK_K
 
 logger = logging.getLogger(__name__)
@@ -88,45 +89,20 @@ class PooledImageFeatures:
 
     Why: the untrained-encoder baseline, its zero-shot figures and the linear probe all need exactly this
     (the pretrained backbone before any projection); one pass over the photos instead of three keeps the
-    evaluate step affordable on a CPU with a large catalog.
+    evaluate step affordable on a CPU with a large catalog. With the run's frozen-stem store
+    (``models/image_stem.py``) only the tower's tail runs.
     """
 
-    def __init__(self, encoder, cfg: PipelineConfig, products: pd.DataFrame) -> None:
+    def __init__(self, encoder, cfg: PipelineConfig, products: pd.DataFrame, stem_store=None) -> None:
         with_image = products[products["image_uri"].notna()]
         self.row = {p: i for i, p in enumerate(with_image["product_id"])}
-        self.features = image_backbone_features(encoder, cfg, with_image)  # (N_image, C)
+        if stem_store is not None and stem_store.covers(with_image["product_id"]):
+            self.features = stem_store.pooled(encoder.image_tower, with_image["product_id"])
+        else:
+            self.features = image_backbone_features(encoder, cfg, with_image)  # (N_image, C)
 
     def of(self, product_ids) -> np.ndarray:
         return self.features[[self.row[p] for p in product_ids]]
-
-
-def embeddings_from_pooled(encoder, builder, products: pd.DataFrame, pooled: PooledImageFeatures, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """``ProductEncoder.encode_product`` with the image tower's pooled output precomputed.
-
-    Returns:
-        (product embeddings (N, D), image-only embeddings (N, D), zero rows for products without an image).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from dashclip_core.models.inputs import product_text
-
-    emb = np.zeros((len(products), encoder.cfg.embed_dim), np.float32)
-    image_emb = np.zeros_like(emb)
-    ids = products["product_id"].to_numpy()
-    has_image = products["image_uri"].notna().to_numpy()
-    texts = [product_text(t if isinstance(t, str) else None, d if isinstance(d, str) else None)
-             for t, d in zip(products["title"], products["description"])]
-    with torch.no_grad():
-        if has_image.any():
-            image_emb[has_image] = F.normalize(encoder.image_proj(torch.from_numpy(pooled.of(ids[has_image]))), dim=-1).numpy()
-        emb += image_emb
-        text_rows = [i for i, t in enumerate(texts) if t is not None]
-        for start in range(0, len(text_rows), batch_size):
-            rows = text_rows[start : start + batch_size]
-            tok = builder.tokenize([texts[i] for i in rows])
-            emb[rows] += encoder.encode_text(tok["input_ids"], tok["attention_mask"])[0].float().numpy()
-    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12), image_emb
 
 
 def linear_probe(product_encoder, cfg: PipelineConfig, products: pd.DataFrame, photos: pd.DataFrame,
@@ -274,7 +250,7 @@ class EvaluationOutputs:
 
 def run_evaluation(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, product_ids: list[str], product_emb: np.ndarray,
                    query_encoder_dir: Path, product_encoder_dir: Path, sample_queries: list[str] | None = None,
-                   rerank_k: int = DEFAULT_RERANK_K) -> EvaluationOutputs:
+                   rerank_k: int = DEFAULT_RERANK_K, stem_store=None) -> EvaluationOutputs:
     """Score the trained encoders (ANN-only and ITM re-ranked) and the baselines on the held-out queries.
 
     Args:
@@ -285,6 +261,8 @@ def run_evaluation(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataF
         query_encoder_dir / product_encoder_dir: the saved trained encoders.
         sample_queries: queries whose top-5 go into the report (default: the first 3 eval queries).
         rerank_k: ANN candidates per query that the ITM head re-ranks.
+        stem_store: the run's frozen image stem (``models/image_stem.StemStore``), if stage 1 left one:
+            held-out photo embeddings and the baselines' backbone features then run the tower's tail only.
 
     Raises:
         ValueError: embeddings lack snapshot products, or there are no held-out human labels.
@@ -306,7 +284,11 @@ def run_evaluation(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataF
     q_trained = embed_queries(query_encoder, builder, queries)
     depth = max(max(cfg.evaluation.ks), rerank_k)
     ann = ann_rankings(queries, q_trained, products, product_emb, depth)
-    photo_emb = embed_products(product_encoder, builder, photos.assign(title=None, description=None))  # image-only (N, D)
+    image_only = photos.assign(title=None, description=None)
+    if stem_store is not None and stem_store.covers(photos["product_id"]):  # the frozen stem is shared: run the trained tail only
+        photo_emb = embeddings_from_pooled(product_encoder, builder, image_only, stem_store.pooled(product_encoder.image_tower, photos["product_id"]))[0]
+    else:
+        photo_emb = embed_products(product_encoder, builder, image_only)  # image-only (N, D)
     zero_shot = zero_shot_predictions(product_encoder, query_encoder, cfg, photos, products, image_emb=photo_emb)
     fine_classes = sorted(set(products["category"].astype(str)))
     prompts = [class_prompt(c) for c in fine_classes]
@@ -321,8 +303,8 @@ def run_evaluation(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataF
     systems["dashclip_itm_rerank"] = {**ranking_metrics(rerank, judgments, cfg, image_only), **stats}
 
     p_enc, q_enc = untrained_encoders(cfg)
-    pooled = PooledImageFeatures(p_enc, cfg, products)  # one pass over the photos serves all three baselines below
-    p_init, image_init = embeddings_from_pooled(p_enc, builder, products, pooled)
+    pooled = PooledImageFeatures(p_enc, cfg, products, stem_store)  # one pass over the photos serves all three baselines below
+    p_init, image_init = embeddings_from_pooled(p_enc, builder, products, pooled.of(products.loc[products["image_uri"].notna(), "product_id"]))
     q_init = embed_queries(q_enc, builder, queries)
     photo_rows = products.reset_index(drop=True).index[products["product_id"].isin(set(photos["product_id"])).to_numpy()]
     zero_shot_init = zero_shot_predictions(p_enc, q_enc, cfg, photos, products, image_emb=image_init[photo_rows])

@@ -62,34 +62,17 @@ def shard_steps(n_rows: int, global_batch: int, world_size: int, rank: int, seed
     return [order[s * per_worker * world_size + rank * per_worker :][:per_worker] for s in range(steps)]
 
 
-STEM_CACHE = "stage1_image_stem.npy"
+IMAGE_STEM = "image_stem"  # file stem of the run's StemStore (models/image_stem.py), beside Ray's checkpoints
 
 
-def compute_stem_cache(cfg: PipelineConfig, pairs: pd.DataFrame, path: Path, batch_size: int = 32) -> Path | None:
-    """Run the frozen part of the image tower once over every training photo and store it (float16,
-    row i = ``pairs`` row i) at ``path``; None when the tower has no frozen stem or caching is off.
+def image_stem_store(cfg: PipelineConfig, products: pd.DataFrame, ray_storage: Path):
+    """The run's frozen image stem for every product photo (computed once, then shared by stage 2 and
+    evaluate); None when ``train.stage1_stem_cache`` is off or the image tower has no frozen stem."""
+    from dashclip_core.models.image_stem import build_stem_store
 
-    Why: with a frozen backbone (or only its last blocks training) the stem gives the same output in
-    every epoch, and it is most of the image tower's cost; caching it makes epochs several times cheaper.
-    """
-    encoder = build_stage1(cfg).encoder.eval()
-    if not (cfg.train.stage1_stem_cache and encoder.has_frozen_image_stem):
+    if not cfg.train.stage1_stem_cache:
         return None
-    builder = InputBuilder(cfg.model)
-    torch.set_num_threads(max(1, cfg.ray.num_cpus))  # the driver has the machine to itself before training starts
-    out = None
-    t0 = time.time()
-    for start in range(0, len(pairs), batch_size):
-        stem = encoder.image_stem(builder.images(pairs["image_uri"].iloc[start : start + batch_size].tolist()))  # (b, C, h, w)
-        if out is None:
-            tmp = path.with_suffix(".tmp.npy")
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(pairs), *stem.shape[1:]))
-        out[start : start + len(stem)] = stem.numpy().astype(np.float16)
-    out.flush()
-    del out
-    tmp.replace(path)
-    logger.info("stage1: cached the image stem of %d photos (%s) in %.1fs", len(pairs), path.name, time.time() - t0)
-    return path
+    return build_stem_store(build_stage1(cfg).encoder, cfg.model, products, ray_storage / IMAGE_STEM, threads=cfg.ray.num_cpus)
 
 
 def flip_horizontally(images: Tensor, prob: float, generator: torch.Generator) -> Tensor:
@@ -214,7 +197,7 @@ def stage1_worker(config: dict) -> None:
     torch.set_num_threads(cfg.train.torch_threads_per_worker)
 
     pairs = pd.read_parquet(config["pairs"])
-    stem_cache = np.load(config["stem_cache"], mmap_mode="r") if config.get("stem_cache") else None  # (N, C, h, w) float16
+    stem_cache = np.load(config["stem_cache"], mmap_mode="r") if config.get("stem_cache") else None  # (N, C, h, w) float16, row = pairs.stem_row
     builder = InputBuilder(cfg.model)
     model = build_stage1(cfg)
     opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage1_lr), weight_decay=cfg.train.weight_decay)
@@ -236,7 +219,7 @@ def stage1_worker(config: dict) -> None:
             alpha = cfg.loss.distill_alpha * (min(1.0, (i + 1) / len(steps)) if epoch == 0 else 1.0)
             rows = pairs.iloc[idx]
             if stem_cache is not None:
-                images = torch.from_numpy(stem_cache[idx].astype(np.float32))
+                images = torch.from_numpy(stem_cache[rows["stem_row"].to_numpy()].astype(np.float32))
             else:
                 images = builder.images(rows["image_uri"].tolist())
             images = flip_horizontally(images, cfg.train.stage1_flip_prob, aug)
@@ -278,17 +261,19 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
             f"the snapshot has {len(pairs)}"
         )
     pairs_path = out_dir / "stage1_pairs.parquet"
-    pairs.to_parquet(pairs_path, index=False)
     t0 = time.time()
     if cfg.train.stage1_epochs > 0:
-        # The cache is scratch (not a step output): it lives beside Ray's checkpoints, so a retry reuses it.
-        stem_path = ray_storage / f"{ray_name}-{STEM_CACHE}"
-        stem = stem_path if stem_path.exists() else compute_stem_cache(cfg, pairs, stem_path)
-        worker_config = {"pipeline": cfg.to_dict(), "pairs": str(pairs_path), "mlflow": mlflow_run, "stem_cache": str(stem) if stem else ""}
+        # Scratch, not a step output: it lives beside Ray's checkpoints, so a retry (and the later steps) reuse it.
+        stem = image_stem_store(cfg, products, ray_storage)
+        if stem is not None:
+            pairs["stem_row"] = [stem.row[p] for p in pairs["product_id"]]
+        pairs.to_parquet(pairs_path, index=False)
+        worker_config = {"pipeline": cfg.to_dict(), "pairs": str(pairs_path), "mlflow": mlflow_run, "stem_cache": f"{stem.path}.npy" if stem else ""}
         result = fit(stage1_worker, worker_config, cfg, ray_name, ray_storage)
         state = read_checkpoint(result)
         final_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     else:  # zero epochs: the untrained (initial) encoder, still a real model
+        pairs.to_parquet(pairs_path, index=False)
         state = {"model": build_stage1(cfg).state_dict()}
         final_metrics = {}
     model = build_stage1(cfg)

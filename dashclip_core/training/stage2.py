@@ -127,6 +127,20 @@ def stage2_worker(config: dict) -> None:
         end_epoch(model, opt, epoch, step, meter.finish(epoch, step))
 
 
+def anchor_embeddings(encoder, cfg: PipelineConfig, products: pd.DataFrame, ray_storage: Path) -> np.ndarray:
+    """Frozen stage-1 embeddings of the anchor products: from the run's cached image stem when stage 1
+    left one that covers them (only the image tower's tail runs), else from the photos."""
+    from dashclip_core.models.image_stem import StemStore, embeddings_from_pooled
+    from dashclip_core.training.stage1 import IMAGE_STEM
+
+    builder = InputBuilder(cfg.model)
+    with_image = products.loc[products["image_uri"].notna(), "product_id"]
+    store = StemStore.open(ray_storage / IMAGE_STEM, cfg.model)
+    if store is None or not store.covers(with_image):
+        return embed_products(encoder, builder, products)
+    return embeddings_from_pooled(encoder.eval(), builder, products, store.pooled(encoder.image_tower, with_image))[0]
+
+
 def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, stage1_dir: Path, out_dir: Path,
                  ray_storage: Path, ray_name: str, mlflow_run: dict) -> dict:
     """Embed the anchor products with the frozen stage-1 encoder, train the query encoder, write ``out_dir/query_encoder``."""
@@ -141,7 +155,7 @@ def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFra
     torch.set_num_threads(max(1, cfg.ray.num_cpus))
     encoder = load_product_encoder(stage1_dir)
     emb = np.zeros((len(products), cfg.model.embed_dim), np.float32)
-    emb[used] = embed_products(encoder, InputBuilder(cfg.model), products.iloc[used])
+    emb[used] = anchor_embeddings(encoder, cfg, products.iloc[used], ray_storage)
     del encoder
     np.save(out_dir / "anchor_product_emb.npy", emb)
     pos.to_parquet(out_dir / "stage2_examples.parquet", index=False)

@@ -7,7 +7,8 @@ import pandas as pd
 from PIL import Image
 
 from dashclip_core.config import PipelineConfig
-from dashclip_core.evaluation.report import PooledImageFeatures, embeddings_from_pooled, untrained_encoders
+from dashclip_core.evaluation.report import PooledImageFeatures, untrained_encoders
+from dashclip_core.models.image_stem import embeddings_from_pooled
 from dashclip_core.models.inputs import InputBuilder, embed_products
 
 
@@ -29,7 +30,7 @@ def test_embeddings_from_pooled_match_encode_product(tiny_config, tmp_path):
     pooled = PooledImageFeatures(p_enc, cfg, products)
     assert pooled.features.shape[0] == 3 and set(pooled.row) == {"both", "image-only", "both-2"}
 
-    emb, image_emb = embeddings_from_pooled(p_enc, builder, products, pooled)
+    emb, image_emb = embeddings_from_pooled(p_enc, builder, products, pooled.of(["both", "image-only", "both-2"]))
     expected = embed_products(p_enc, builder, products)
     np.testing.assert_allclose(emb, expected, atol=1e-5)
     only = embed_products(p_enc, builder, products.iloc[[0, 1, 3]].assign(title=None, description=None))

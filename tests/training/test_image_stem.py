@@ -11,7 +11,9 @@ import torch
 
 from dashclip_core.config import ImageTowerConfig, PipelineConfig
 from dashclip_core.models.towers import EfficientNetLiteTower
-from dashclip_core.training.stage1 import build_stage1, compute_stem_cache, flip_horizontally, text_views
+from dashclip_core.models.image_stem import StemStore, build_stem_store
+from dashclip_core.models.inputs import InputBuilder
+from dashclip_core.training.stage1 import build_stage1, flip_horizontally, text_views
 
 SIZE = 64  # small photos: the tower is the real pretrained Lite0, only the input is small
 
@@ -71,20 +73,27 @@ def test_a_fully_trainable_tower_has_no_frozen_stem():
         enc.image_stem(torch.randn(1, 3, SIZE, SIZE))
 
 
-def test_stem_cache_rows_match_a_live_stem(tmp_path, demo_photos):
+def test_stem_store_rows_match_a_live_stem_and_is_reused_only_for_the_same_tower(tmp_path, demo_photos):
     cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1})
-    pairs = demo_photos.head(5)
-    path = compute_stem_cache(cfg, pairs, tmp_path / "stem.npy", batch_size=2)  # 2 + 2 + 1: the last batch is partial
-    cache = np.load(path)
-    assert cache.dtype == np.float16 and cache.shape[0] == 5
-    from dashclip_core.models.inputs import InputBuilder
+    products = pd.concat([demo_photos, pd.DataFrame({"product_id": ["text-only"], "title": ["t"], "description": ["d"], "image_uri": [None]})])
+    enc = build_stage1(cfg).encoder
+    store = build_stem_store(enc, cfg.model, products, tmp_path / "stem", threads=1, batch_size=2)  # 2 + 2 + 1: partial last batch
+    assert store.array.dtype == np.float16 and store.array.shape[0] == 5 and "text-only" not in store.row
+    live = enc.eval().image_stem(InputBuilder(cfg.model).images(demo_photos["image_uri"].tolist()))
+    order = demo_photos["product_id"].tolist()[::-1]
+    assert torch.allclose(store.stems(order), live.flip(0), atol=2e-2, rtol=1e-2)  # float16 storage; rows follow the ids asked
+    assert not list(tmp_path.glob("*.tmp*"))  # written atomically
 
-    live = build_stage1(cfg).encoder.eval().image_stem(InputBuilder(cfg.model).images(pairs["image_uri"].tolist()))
-    assert torch.allclose(torch.from_numpy(cache.astype(np.float32)), live, atol=2e-2, rtol=1e-2)  # float16 storage
-    assert not list(tmp_path.glob("*.tmp.npy"))  # written atomically
+    # The tail from the stored stem gives the tower's pooled output.
+    pooled = store.pooled(enc.image_tower, demo_photos["product_id"])
+    np.testing.assert_allclose(pooled, enc.image_tower(InputBuilder(cfg.model).images(demo_photos["image_uri"].tolist()))[1].detach().numpy(), atol=5e-2)
 
-    off = cfg.with_overrides(**{"train.stage1_stem_cache": False})
-    assert compute_stem_cache(off, pairs, tmp_path / "off.npy") is None
+    mtime = (tmp_path / "stem.npy").stat().st_mtime_ns
+    again = build_stem_store(enc, cfg.model, products, tmp_path / "stem", threads=1)
+    assert (tmp_path / "stem.npy").stat().st_mtime_ns == mtime and again.row == store.row  # reused, not recomputed
+    other = lite0(3)
+    assert StemStore.open(tmp_path / "stem", other.model) is None  # a different split of the tower never reads it
+    assert build_stem_store(build_stage1(lite0(0, freeze=False)).encoder, lite0(0, freeze=False).model, products, tmp_path / "x", threads=1) is None
 
 
 def test_flip_mirrors_the_chosen_rows_only():
@@ -116,3 +125,20 @@ def demo_photos(tmp_path_factory) -> pd.DataFrame:
         Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(p)
         paths.append(str(p))
     return pd.DataFrame({"product_id": [f"p{i}" for i in range(5)], "title": ["t"] * 5, "description": ["d"] * 5, "image_uri": paths})
+
+
+def test_stage2_anchor_embeddings_from_the_stem_match_the_photo_path(tmp_path, demo_photos):
+    from dashclip_core.models.inputs import embed_products
+    from dashclip_core.training.stage1 import IMAGE_STEM, image_stem_store
+    from dashclip_core.training.stage2 import anchor_embeddings
+
+    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1})
+    products = pd.concat([demo_photos, pd.DataFrame({"product_id": ["text-only"], "title": ["Kiwi"], "description": [None], "image_uri": [None]})],
+                         ignore_index=True)
+    enc = build_stage1(cfg).encoder.eval()
+    from_photos = anchor_embeddings(enc, cfg, products, tmp_path)  # no store yet: decodes the photos
+    np.testing.assert_allclose(from_photos, embed_products(enc, InputBuilder(cfg.model), products), atol=1e-6)
+    assert image_stem_store(cfg, products, tmp_path) is not None and (tmp_path / f"{IMAGE_STEM}.npy").exists()
+    from_stem = anchor_embeddings(enc, cfg, products, tmp_path)
+    np.testing.assert_allclose(from_stem, from_photos, atol=2e-2)  # float16 stem
+    assert (np.abs(from_stem - from_photos).max(axis=1) > 0).any()  # really took the stem path
