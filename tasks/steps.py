@@ -186,10 +186,11 @@ def backfill_embeddings(stage1: dict, params: dict | None = None, run_id: str | 
         import pandas as pd
 
         from dashclip_core.backfill.embed import backfill_embeddings as backfill
-        from dashclip_core.training.stage1 import PRODUCT_ENCODER_DIR
+        from dashclip_core.training.stage1 import IMAGE_STEM, PRODUCT_ENCODER_DIR
 
         products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
-        return backfill(cfg, products, paths.local("train_stage1") / PRODUCT_ENCODER_DIR, out / "embeddings.parquet")
+        stem = ray_storage(cfg, paths) / IMAGE_STEM  # the frozen image stem stage 1 computed (used when it matches the model)
+        return backfill(cfg, products, paths.local("train_stage1") / PRODUCT_ENCODER_DIR, out / "embeddings.parquet", stem_path=stem)
 
     return run_step(paths, "backfill_embeddings", body)
 

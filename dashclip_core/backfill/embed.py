@@ -23,25 +23,37 @@ COLUMNS = ["product_id", "title", "description", "image_uri"]
 class ProductEmbedder:
     """Ray Data callable class: one encoder per actor."""
 
-    def __init__(self, model_dir: str, threads: int = 1) -> None:
+    def __init__(self, model_dir: str, threads: int = 1, stem_path: str = "") -> None:
         import torch
 
         from dashclip_core.models.encoders import load_product_encoder
+        from dashclip_core.models.image_stem import StemStore
         from dashclip_core.models.inputs import InputBuilder
 
         torch.set_num_threads(threads)  # one thread per actor on a small box; actors give the parallelism
         self.encoder = load_product_encoder(Path(model_dir))
         self.builder = InputBuilder(self.encoder.cfg)
+        # The run's frozen image stem (stage 1 computed it for every photo): covered photos run the tail only.
+        self.stem = StemStore.open(Path(stem_path), self.encoder.cfg) if stem_path else None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from dashclip_core.models.image_stem import embeddings_from_pooled
         from dashclip_core.models.inputs import embed_products
 
-        emb = embed_products(self.encoder, self.builder, batch.reset_index(drop=True), batch_size=len(batch))
+        batch = batch.reset_index(drop=True)
+        with_image = batch.loc[batch["image_uri"].notna(), "product_id"]
+        if self.stem is not None and self.stem.covers(with_image):
+            emb = embeddings_from_pooled(self.encoder, self.builder, batch, self.stem.pooled(self.encoder.image_tower, with_image))[0]
+        else:
+            emb = embed_products(self.encoder, self.builder, batch, batch_size=len(batch))
         return pd.DataFrame({"product_id": batch["product_id"].to_numpy(), "embedding": list(emb.astype(np.float32))})
 
 
-def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame, model_dir: Path, out_path: Path) -> dict:
-    """Embed every product of the snapshot with Ray Data and write ``out_path`` (parquet)."""
+def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame, model_dir: Path, out_path: Path, stem_path: Path | None = None) -> dict:
+    """Embed every product of the snapshot with Ray Data and write ``out_path`` (parquet).
+
+    ``stem_path``: the run's frozen-stem store (``models/image_stem.py``), when stage 1 left one; photos it
+    covers skip the frozen part of the image tower (same function, computed once), others are decoded."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray.data
@@ -54,7 +66,7 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame, model_dir: 
     ds = ray.data.from_pandas(products[COLUMNS].reset_index(drop=True))
     out = ds.map_batches(
         ProductEmbedder,
-        fn_constructor_kwargs={"model_dir": str(model_dir)},
+        fn_constructor_kwargs={"model_dir": str(model_dir), "stem_path": str(stem_path) if stem_path else ""},
         batch_size=cfg.ray.backfill_batch_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=cfg.ray.backfill_actors),

@@ -142,3 +142,23 @@ def test_stage2_anchor_embeddings_from_the_stem_match_the_photo_path(tmp_path, d
     from_stem = anchor_embeddings(enc, cfg, products, tmp_path)
     np.testing.assert_allclose(from_stem, from_photos, atol=2e-2)  # float16 stem
     assert (np.abs(from_stem - from_photos).max(axis=1) > 0).any()  # really took the stem path
+
+
+def test_backfill_actor_uses_the_stem_store_and_matches_the_photo_path(tmp_path, demo_photos):
+    from dashclip_core.backfill.embed import ProductEmbedder
+    from dashclip_core.models.encoders import save_encoder
+    from dashclip_core.training.stage1 import IMAGE_STEM, image_stem_store
+
+    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1})
+    products = pd.concat([demo_photos, pd.DataFrame({"product_id": ["text-only"], "title": ["Kiwi"], "description": [None], "image_uri": [None]})],
+                         ignore_index=True)
+    save_encoder(build_stage1(cfg).encoder, cfg.model, tmp_path / "enc")
+    plain = ProductEmbedder(str(tmp_path / "enc"))(products)
+    assert image_stem_store(cfg, products, tmp_path) is not None
+    actor = ProductEmbedder(str(tmp_path / "enc"), stem_path=str(tmp_path / IMAGE_STEM))
+    assert actor.stem is not None
+    cached = actor(products)
+    assert cached["product_id"].tolist() == products["product_id"].tolist()
+    np.testing.assert_allclose(np.stack(cached["embedding"]), np.stack(plain["embedding"]), atol=2e-2)
+    new_photo = products.iloc[[0]].assign(product_id="not-in-store")  # a product the store lacks: decoded from its photo
+    np.testing.assert_allclose(np.stack(actor(new_photo)["embedding"]), np.stack(plain["embedding"])[[0]], atol=1e-6)
