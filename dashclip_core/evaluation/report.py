@@ -298,7 +298,7 @@ def run_evaluation(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataF
 
     systems = {"dashclip": {**embedding_system(products, ann, product_emb, judgments, cfg, image_only), **zero_shot_metrics(zero_shot, products),
                             **t2i(embed_queries(query_encoder, builder, prompts) @ photo_emb.T)}}
-    reranked, stats = itm_rerank(product_encoder, builder, queries, [ann[q] for q in queries], products, k=rerank_k)
+    reranked, stats = itm_rerank(product_encoder, builder, queries, [ann[q] for q in queries], products, k=rerank_k, stem_store=stem_store)
     rerank = dict(zip(queries, reranked))
     systems["dashclip_itm_rerank"] = {**ranking_metrics(rerank, judgments, cfg, image_only), **stats}
 

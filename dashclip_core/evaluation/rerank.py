@@ -46,7 +46,7 @@ def rerank_candidates(candidates: Sequence[str], match_prob: dict[str, float]) -
 
 
 def itm_match_probs(encoder, builder, queries: Sequence[str], candidates: Sequence[Sequence[str]], products: pd.DataFrame,
-                    batch_size: int = 32) -> list[dict[str, float]]:
+                    batch_size: int = 32, stem_store=None) -> list[dict[str, float]]:
     """Step (2): P(match) of every (query, candidate product image) pair from the ITM head.
 
     Each query is text-encoded once and each distinct candidate image once (image tokens are large,
@@ -86,7 +86,10 @@ def itm_match_probs(encoder, builder, queries: Sequence[str], candidates: Sequen
         image_ids = list(dict.fromkeys(p for _, p in pairs))
         for start in range(0, len(image_ids), batch_size):
             chunk = image_ids[start : start + batch_size]
-            image_tokens = _image_tokens(encoder, builder, by_id.loc[chunk, "image_uri"].tolist())  # (c, N, H)
+            if stem_store is not None and stem_store.covers(chunk):  # the run's frozen stem: only the tower's tail runs
+                _, image_tokens = encoder.encode_image(stem_store.stems(chunk), from_stem=True)  # (c, N, H)
+            else:
+                image_tokens = _image_tokens(encoder, builder, by_id.loc[chunk, "image_uri"].tolist())  # (c, N, H)
             local = {p: i for i, p in enumerate(chunk)}
             chunk_pairs = [(qi, p) for qi, p in pairs if p in local]
             for s in range(0, len(chunk_pairs), batch_size):
@@ -109,7 +112,7 @@ def _image_tokens(encoder, builder, image_uris: list[str]):
 
 
 def itm_rerank(encoder, builder, queries: Sequence[str], ann_rankings: Sequence[Sequence[str]], products: pd.DataFrame,
-               k: int = DEFAULT_RERANK_K) -> tuple[list[list[str]], dict]:
+               k: int = DEFAULT_RERANK_K, stem_store=None) -> tuple[list[list[str]], dict]:
     """Steps (1)-(4): re-rank the top ``k`` of each ANN ranking with ITM; the tail stays as ANN ranked it.
 
     Args:
@@ -118,6 +121,7 @@ def itm_rerank(encoder, builder, queries: Sequence[str], ann_rankings: Sequence[
         ann_rankings: Q ANN rankings (product ids, best first), at least as long as the deepest metric cut-off.
         products: snapshot rows with ``product_id`` and ``image_uri``.
         k: how many ANN candidates are re-scored (>= 1).
+        stem_store: the run's frozen image stem (``models/image_stem.StemStore``), to skip the stem for the photos it covers.
 
     Returns:
         (Q re-ranked lists, stats) with stats ``rerank_k`` and ``rerank_scored_share`` (share of the
@@ -129,7 +133,7 @@ def itm_rerank(encoder, builder, queries: Sequence[str], ann_rankings: Sequence[
     if k < 1:
         raise ValueError(f"itm_rerank: k must be >= 1, got {k}")
     heads = [list(r[:k]) for r in ann_rankings]
-    probs = itm_match_probs(encoder, builder, queries, heads, products)
+    probs = itm_match_probs(encoder, builder, queries, heads, products, stem_store=stem_store)
     reranked = [rerank_candidates(head, p) + list(r[k:]) for head, p, r in zip(heads, probs, ann_rankings)]
     n_candidates = sum(len(h) for h in heads)
     stats = {"rerank_k": k, "rerank_scored_share": float(sum(len(p) for p in probs) / n_candidates) if n_candidates else 0.0}

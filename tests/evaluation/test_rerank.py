@@ -95,7 +95,7 @@ def test_report_keeps_ann_and_rerank_apart_with_a_forced_scorer(tiny_run, monkey
     has_image = set(tiny_run.products.loc[tiny_run.products["image_uri"].notna(), "product_id"])
     calls = []
 
-    def forced(encoder, builder, queries, candidates, products, batch_size=32):
+    def forced(encoder, builder, queries, candidates, products, batch_size=32, stem_store=None):
         calls.append(len(queries))
         return [{p: float((q, p) in relevant) for p in cands if p in has_image} for q, cands in zip(queries, candidates)]
 

@@ -162,3 +162,19 @@ def test_backfill_actor_uses_the_stem_store_and_matches_the_photo_path(tmp_path,
     np.testing.assert_allclose(np.stack(cached["embedding"]), np.stack(plain["embedding"]), atol=2e-2)
     new_photo = products.iloc[[0]].assign(product_id="not-in-store")  # a product the store lacks: decoded from its photo
     np.testing.assert_allclose(np.stack(actor(new_photo)["embedding"]), np.stack(plain["embedding"])[[0]], atol=1e-6)
+
+
+def test_itm_rerank_scores_from_the_stem_match_the_photo_path(tmp_path, demo_photos):
+    from dashclip_core.evaluation.rerank import itm_match_probs
+    from dashclip_core.training.stage1 import image_stem_store
+
+    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1})
+    enc = build_stage1(cfg).encoder.eval()
+    store = image_stem_store(cfg, demo_photos, tmp_path)
+    builder = InputBuilder(cfg.model)
+    ids = demo_photos["product_id"].tolist()
+    plain = itm_match_probs(enc, builder, ["red apple", "oat milk"], [ids, ids[:2]], demo_photos)
+    cached = itm_match_probs(enc, builder, ["red apple", "oat milk"], [ids, ids[:2]], demo_photos, stem_store=store)
+    for a, b in zip(plain, cached):
+        assert a.keys() == b.keys()
+        assert all(abs(a[p] - b[p]) < 2e-2 for p in a)
