@@ -110,7 +110,9 @@ def main() -> None:
     from dashclip_core.config import PipelineConfig
     from dashclip_core.training.stage1 import stage1_pairs
 
-    cfg = PipelineConfig.from_file(args.config).with_overrides(**{"train.num_workers": args.workers})
+    # Same work both ways: the plain loop decodes photos and runs the whole image tower every step, so the
+    # Ray side does too (no cached stem). The stem cache speeds up both equally and is not what this measures.
+    cfg = PipelineConfig.from_file(args.config).with_overrides(**{"train.num_workers": args.workers, "train.stage1_stem_cache": False})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         extract_snapshot(cfg, ensure_source_catalog(cfg), work)
