@@ -113,6 +113,7 @@ class TrainConfig:
     stage2_epochs: int = 4
     stage1_batch_size: int = 32  # global batch; per-worker = global // num_workers
     stage2_batch_size: int = 64
+    stage2_wise_alpha: float = 1.0  # WiSE-FT (Wortsman et al. 2022): query encoder = (1-a) * stage-1 text side + a * stage-2 weights; <1 keeps zero-shot skill
     stage2_grad_cache_chunk: int = 0  # >0: GradCache, embed the stage-2 queries in chunks of this size (large batch, small memory)
     stage1_lr: float = 1e-4
     stage1_stem_cache: bool = True  # compute the frozen part of the image tower once per photo, not every epoch (model.image.freeze_backbone)
@@ -160,7 +161,7 @@ class RegistryConfig:
     artifact_root: str = ""  # empty -> <home>/mlflow/artifacts
     experiment: str = "dashclip"
     promote: bool = True  # move `champion` when the new version wins
-    promotion_metric: str = "ndcg@10"
+    promotion_metric: str = "ndcg@10"  # a metric of report["systems"]["dashclip"]: eval-query search (ndcg@10, ...) or held-out photos (zero_shot_fine_top1, t2i_ndcg@10)
 
 
 @dataclass(frozen=True)

@@ -352,11 +352,41 @@ def _str(v) -> str | None:
     return v if isinstance(v, str) else None
 
 
+PHOTO_METRIC_PREFIXES = ("zero_shot_", "t2i_")  # promotion metrics computed on the held-out photos, not the eval queries
+
+
+def photo_metrics_via_pyfunc(model, cfg: PipelineConfig, products: pd.DataFrame) -> dict:
+    """Zero-shot top-1 and text -> image metrics of a loaded pyfunc on this run's held-out photos
+    (image-only products against class-name queries), as :func:`run_evaluation` computes them."""
+    photos = zero_shot_products(products, cfg)
+    if photos.empty:
+        raise ValueError("no held-out photos to score zero-shot / text -> image metrics on")
+    prod_in = pd.DataFrame({"product_id": photos["product_id"].to_numpy(), "title": None, "description": None,
+                            "image_path": photos["image_uri"].to_numpy()})
+    image_emb = np.asarray(model.predict(prod_in)["embedding"].tolist(), np.float32)  # (N, D)
+    out: dict = {}
+    for col, name in ZERO_SHOT_LEVELS:
+        classes = sorted(set(products[col].astype(str)))
+        prompts = [class_prompt(c) for c in classes]
+        class_emb = np.asarray(model.predict(pd.DataFrame({"query_id": prompts, "query": prompts}))["embedding"].tolist(), np.float32)
+        scores = class_emb @ image_emb.T  # (C, N)
+        out[f"zero_shot_{name}_top1"] = float((np.asarray(classes)[scores.argmax(0)] == photos[col].astype(str).to_numpy()).mean())
+        if name == "fine":
+            out.update(text_to_image_metrics(scores, classes, prompts, photos, products, cfg.evaluation.ks))
+    return out
+
+
 def score_model_uri(model_uri: str, cfg: PipelineConfig, products: pd.DataFrame, judgments: pd.DataFrame, metric: str) -> float:
-    """Score a registered model (e.g. the current champion) on this run's eval set, through its pyfunc."""
+    """Score a registered model (e.g. the current champion) on this run's eval set, through its pyfunc.
+
+    ``metric`` is a catalog-search metric of the eval queries (``ndcg@10``, ...) or, for catalogs whose
+    value is in the photos (``registry.promotion_metric: zero_shot_fine_top1`` / ``t2i_ndcg@10``), one
+    computed on the held-out photos."""
     import mlflow
 
     model = mlflow.pyfunc.load_model(model_uri)
+    if metric.startswith(PHOTO_METRIC_PREFIXES):
+        return float(photo_metrics_via_pyfunc(model, cfg, products)[metric])
     queries = sorted(judgments["query"].unique())
     prod_in = products[["product_id", "title", "description", "image_uri"]].rename(columns={"image_uri": "image_path"})
     p = model.predict(prod_in)

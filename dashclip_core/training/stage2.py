@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from dashclip_core.config import PipelineConfig
 from dashclip_core.losses import QueryCatalogContrastiveLoss, cached_qcc_step
@@ -127,6 +128,24 @@ def stage2_worker(config: dict) -> None:
         end_epoch(model, opt, epoch, step, meter.finish(epoch, step))
 
 
+def wise_interpolate(trained: nn.Module, initial: nn.Module, alpha: float) -> None:
+    """WiSE-FT (Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022), in place:
+    theta = (1 - alpha) * theta_initial + alpha * theta_trained.
+
+    Why: stage 2 pulls queries towards the multimodal product embeddings of the labelled queries and away
+    from what stage 1 learned about short names vs photos; mixing the weights back keeps most of the
+    search gain and most of the zero-shot skill (both encoders share one initialisation, so the mix is
+    meaningful). alpha = 1 is plain fine-tuning, 0 is the stage-1 text side.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"train.stage2_wise_alpha must be in [0, 1], got {alpha}")
+    start = initial.state_dict()
+    with torch.no_grad():
+        for name, value in trained.state_dict().items():
+            if value.is_floating_point():
+                value.copy_((1.0 - alpha) * start[name] + alpha * value)
+
+
 def anchor_embeddings(encoder, cfg: PipelineConfig, products: pd.DataFrame, ray_storage: Path) -> np.ndarray:
     """Frozen stage-1 embeddings of the anchor products: from the run's cached image stem when stage 1
     left one that covers them (only the image tower's tail runs), else from the photos."""
@@ -174,6 +193,8 @@ def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFra
         result = fit(stage2_worker, loop, cfg, ray_name, ray_storage)
         model.load_state_dict(read_checkpoint(result)["model"])
         final_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    if cfg.train.stage2_wise_alpha != 1.0:
+        wise_interpolate(model.query_encoder, QueryEncoder.from_product_encoder(product_encoder, 0), cfg.train.stage2_wise_alpha)
     save_encoder(model.query_encoder, cfg.model, out_dir / QUERY_ENCODER_DIR)
     (out_dir / "anchor_product_emb.npy").unlink()  # only the workers needed it; backfill writes the real table
     info = {

@@ -146,6 +146,9 @@ def test_registered_pyfunc_reproduces_the_pipeline_eval(first_run, tiny_config):
     score = score_model_uri(f"models:/{cfg.registry.model_name}@champion", cfg, products, judgments, "ndcg@10")
     report = read_json(paths.local("evaluate") / "report.json")
     assert score == pytest.approx(report["systems"]["dashclip"]["ndcg@10"], abs=1e-4)
+    for metric in ("zero_shot_fine_top1", "t2i_ndcg@10"):  # promotion on photo metrics re-scores the same way
+        score = score_model_uri(f"models:/{cfg.registry.model_name}@champion", cfg, products, judgments, metric)
+        assert score == pytest.approx(report["systems"]["dashclip"][metric], abs=1e-4)
 
 
 def test_cli_embeds_image_only_text_only_products_and_queries(first_run, tiny_config, tmp_path):
