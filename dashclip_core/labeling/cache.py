@@ -37,7 +37,7 @@ _SQL_BATCH = 500  # keys per IN (...) query; well under SQLite's 32766 bound-par
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS labels (
-    key           TEXT PRIMARY KEY,   -- hex sha256, see LabelCache.key
+    key           BLOB PRIMARY KEY,   -- the 32 bytes of the sha256 of LabelCache.key (half the size of hex)
     labeler_id    TEXT NOT NULL,
     label         INTEGER NOT NULL,   -- 0/1/2; only ok results are cached
     reason        TEXT,
@@ -46,8 +46,7 @@ CREATE TABLE IF NOT EXISTS labels (
     query         TEXT NOT NULL,      -- first pair that produced the entry (for inspection only)
     product_id    TEXT NOT NULL,
     created_at    TEXT NOT NULL       -- ISO 8601 UTC
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS labels_labeler ON labels (labeler_id);
+) WITHOUT ROWID;  -- no secondary index: lookups are by key only, and stats() may scan
 """
 
 
@@ -129,6 +128,7 @@ class LabelCache:
             first.setdefault(k, r)
         out: dict[str, LabelResult] = {}
         for key, label, reason, n_in, n_out, row_labeler in self._select(list(first)):
+            key = key.hex()
             r = first[key]
             out[key] = LabelResult(r.query, r.product_id, label, "ok", row_labeler, reason, n_in, n_out, cached=True)
         hits = sum(1 for k in keys if k in out)
@@ -139,7 +139,7 @@ class LabelCache:
     def _select(self, keys: list[str]) -> Iterator[tuple]:
         sql = "SELECT key, label, reason, input_tokens, output_tokens, labeler_id FROM labels WHERE key IN ({})"
         for start in range(0, len(keys), _SQL_BATCH):
-            batch = keys[start : start + _SQL_BATCH]
+            batch = [bytes.fromhex(k) for k in keys[start : start + _SQL_BATCH]]
             yield from self._conn.execute(sql.format(",".join("?" * len(batch))), batch)
 
     # ---- writing --------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ class LabelCache:
             if req is None:
                 raise ValueError(f"put_many: result for ({res.query!r}, {res.product_id!r}) has no matching request; "
                                  "pass the requests the labeler was given")
-            rows.append((self.key(req, res.labeler_id), res.labeler_id, res.label, res.reason, res.input_tokens,
+            rows.append((bytes.fromhex(self.key(req, res.labeler_id)), res.labeler_id, res.label, res.reason, res.input_tokens,
                          res.output_tokens, res.query, res.product_id, stamp))
         if not rows:
             return 0
