@@ -284,11 +284,11 @@ def run_evaluation(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataF
     q_trained = embed_queries(query_encoder, builder, queries)
     depth = max(max(cfg.evaluation.ks), rerank_k)
     ann = ann_rankings(queries, q_trained, products, product_emb, depth)
-    image_only = photos.assign(title=None, description=None)
+    photos_bare = photos.assign(title=None, description=None)  # the held-out photos as image-only products
     if stem_store is not None and stem_store.covers(photos["product_id"]):  # the frozen stem is shared: run the trained tail only
-        photo_emb = embeddings_from_pooled(product_encoder, builder, image_only, stem_store.pooled(product_encoder.image_tower, photos["product_id"]))[0]
+        photo_emb = embeddings_from_pooled(product_encoder, builder, photos_bare, stem_store.pooled(product_encoder.image_tower, photos["product_id"]))[0]
     else:
-        photo_emb = embed_products(product_encoder, builder, image_only)  # image-only (N, D)
+        photo_emb = embed_products(product_encoder, builder, photos_bare)  # (N, D)
     zero_shot = zero_shot_predictions(product_encoder, query_encoder, cfg, photos, products, image_emb=photo_emb)
     fine_classes = sorted(set(products["category"].astype(str)))
     prompts = [class_prompt(c) for c in fine_classes]

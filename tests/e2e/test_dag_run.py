@@ -70,6 +70,10 @@ def test_outputs_model_index_and_report(first_run, tiny_config):
         block = report["systems"][system]
         assert 0.0 < block["t2i_ndcg@10"] <= 1.0 and 0.0 <= block["t2i_recall@10"] <= 1.0 and block["t2i_n_queries"] > 0
     assert report["n_eval_queries"] > 0
+    assert report["n_image_only_products"] > 0
+    for system in ("dashclip", "dashclip_itm_rerank", "untrained_encoders", "bm25_titles"):  # image-only products are judged in eval
+        assert report["systems"][system]["image_only_recall@50"] is not None, system
+    assert report["systems"]["bm25_titles"]["image_only_recall@50"] == 0.0  # BM25 over titles cannot find a product with no title
 
     client = MlflowClient(cfg.tracking_uri())
     model = client.get_registered_model(cfg.registry.model_name)
