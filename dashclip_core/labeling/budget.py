@@ -27,8 +27,10 @@ if TYPE_CHECKING:
     from dashclip_core.labeling.cache import LabelCache
 
 CHARS_PER_TOKEN = 4  # rule of thumb for English text with BPE tokenizers
-PROMPT_OVERHEAD_TOKENS = 150  # instructions, grade scale and answer format around each pair's fields
-OUTPUT_TOKENS_PER_PAIR = 30  # {"label": 2, "reason": "<one short sentence>"}
+# Prompt relevance-v1: a 1,034-char system prompt + ~140 chars of JSON scaffolding around the fields -> ~295
+# tokens at 4 chars/token, plus ~4 tokens of chat framing per message.
+PROMPT_OVERHEAD_TOKENS = 300
+OUTPUT_TOKENS_PER_PAIR = 40  # {"label": 2, "reason": "<one short sentence, at most 200 characters>"}
 
 TokenCounter = Callable[[LabelRequest], int]
 

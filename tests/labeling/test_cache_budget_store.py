@@ -237,6 +237,8 @@ def test_store_rejects_results_of_another_labeler_and_leaves_no_tmp(tmp_path):
         store.append([_ok(r), _ok(r, labeler_id="teacher:v1")], partition=LID)
     assert store.parts() == []
     assert [p.name for p in (tmp_path / "labels").rglob("*") if p.is_file()] == []
+    empty = store.read()
+    assert empty.empty and list(empty.columns) == COLUMNS
 
 
 def test_store_dedupe_keeps_latest_ok_then_latest_failed(tmp_path):
