@@ -50,7 +50,7 @@ class FitParams:
     epochs: int
     batch_size: int
     lr: float
-    head_lr_scale: float  # the new, randomly initialised head learns at lr * head_lr_scale
+    head_lr_scale: float  # the randomly initialised head learns at lr * head_lr_scale
     seed: int
     trainable_layers: int  # top transformer layers that train; -1 = all
     max_train_examples: int | None  # random subsample (seeded) of the human pairs; None = all
@@ -195,9 +195,9 @@ class CrossEncoderTeacher:
 
     # ---- training -------------------------------------------------------------------------------------------
 
-    def fit(self, human: pd.DataFrame, epochs: int = 1, batch_size: int = 16, lr: float = 5e-5, seed: int = 0,
+    def fit(self, human: pd.DataFrame, epochs: int = 4, batch_size: int = 16, lr: float = 5e-5, seed: int = 0,
             device: str | None = None, trainable_layers: int = -1, max_train_examples: int | None = None,
-            weight_decay: float = 0.01, warmup_fraction: float = 0.1, head_lr_scale: float = 10.0) -> CrossEncoderTeacher:
+            weight_decay: float = 0.01, warmup_fraction: float = 0.1, head_lr_scale: float = 1.0) -> CrossEncoderTeacher:
         """Fine-tune the base weights (loaded afresh) on human labels. Deterministic given ``seed`` (on one device).
 
         Steps: (1) canonical pairs (row order does not matter) and the fine-tune's id; (2) seeded subsample to
@@ -206,7 +206,8 @@ class CrossEncoderTeacher:
 
         Args:
             human: one row per judged pair, columns query, title, description, category, aisle, label (0/1/2).
-            epochs: passes over the (subsampled) pairs.
+            epochs: passes over the (subsampled) pairs. On the demo catalog's 1,060 human pairs, 4 epochs (~100 s on
+                2 CPU cores) reach held-out accuracy 0.74 / kappa 0.61; 2 epochs (~50 s) only 0.64 / 0.47.
             batch_size: pairs per optimiser step.
             lr: peak AdamW learning rate of the encoder.
             seed: seeds the head's init, dropout, the subsample and the shuffles.
@@ -216,8 +217,8 @@ class CrossEncoderTeacher:
             max_train_examples: train on a seeded random subsample of this many pairs (CPU budget); None = all.
             weight_decay: AdamW decoupled weight decay (not applied to biases and LayerNorm weights).
             warmup_fraction: share of the optimiser steps spent warming the LR up linearly.
-            head_lr_scale: the head's learning rate is ``lr * head_lr_scale``: it starts from random weights, and
-                a few hundred steps at the encoder's small rate leave it barely trained.
+            head_lr_scale: the randomly initialised head learns at ``lr * head_lr_scale`` (1 = one rate for all;
+                on the demo catalog 10 was no better, and with lr=1e-4 it collapsed to a single grade).
 
         Returns:
             self, with ``labeler_id``, ``meta`` (training summary) and the fine-tuned model set.
