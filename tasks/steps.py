@@ -257,9 +257,9 @@ def evaluate(index: dict, params: dict | None = None, run_id: str | None = None)
         from dashclip_core.backfill.embed import read_embeddings
         from dashclip_core.evaluation.plots import write_evaluation_plots
         from dashclip_core.evaluation.report import run_evaluation
+        from dashclip_core.models.image_stem import StemStore
         from dashclip_core.registry.mlflow_registry import client, log_artifact_dir, log_metrics
         from dashclip_core.storage import write_json
-        from dashclip_core.models.image_stem import StemStore
         from dashclip_core.training.stage1 import IMAGE_STEM, PRODUCT_ENCODER_DIR
         from dashclip_core.training.stage2 import QUERY_ENCODER_DIR
 

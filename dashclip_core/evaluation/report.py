@@ -25,9 +25,9 @@ import pandas as pd
 from dashclip_core.config import PipelineConfig
 from dashclip_core.evaluation.bm25 import BM25Index
 from dashclip_core.evaluation.metrics import category_accuracy, evaluate_rankings
+from dashclip_core.evaluation.rerank import DEFAULT_RERANK_K
 from dashclip_core.evaluation.text_to_image import text_to_image_metrics
 from dashclip_core.models.image_stem import embeddings_from_pooled
-from dashclip_core.evaluation.rerank import DEFAULT_RERANK_K
 
 logger = logging.getLogger(__name__)
 

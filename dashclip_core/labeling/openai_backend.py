@@ -479,26 +479,35 @@ class OpenAICompatibleLabeler:
         logger.info("batch %s created for %d pairs (%s)", batch["id"], n, self.labeler_id)
         return batch["id"]
 
+    def _poll(self, path: str, what: str, finished, poll_interval: float, timeout: float, still_running: str = "") -> dict:
+        """GET ``path`` every ``poll_interval`` s until ``finished(status)``; return the object (status changes are logged).
+
+        Raises:
+            TimeoutError: still not finished after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        last_status = None
+        while True:
+            obj = self._request("GET", path).json()
+            status = obj.get("status")
+            if status != last_status:
+                logger.info("%s: %s %s", what, status, obj.get("request_counts") or "")
+                last_status = status
+            if finished(status):
+                return obj
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{what} is still {status!r} after {timeout:.0f} s{still_running}")
+            self._sleep(min(poll_interval, remaining))
+
     def poll_batch(self, batch_id: str, poll_interval: float = 60.0, timeout: float = 25 * 3600.0) -> dict:
         """Wait until the batch is completed, failed, expired or cancelled; return the batch object.
 
         Raises:
             TimeoutError: still running after ``timeout`` seconds (the batch keeps running; poll again later).
         """
-        deadline = time.monotonic() + timeout
-        last_status = None
-        while True:
-            batch = self._request("GET", f"/batches/{batch_id}").json()
-            status = batch.get("status")
-            if status != last_status:
-                logger.info("batch %s: %s %s", batch_id, status, batch.get("request_counts") or "")
-                last_status = status
-            if status in BATCH_TERMINAL:
-                return batch
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"batch {batch_id} is still {status!r} after {timeout:.0f} s; it keeps running, poll it again later")
-            self._sleep(min(poll_interval, remaining))
+        return self._poll(f"/batches/{batch_id}", f"batch {batch_id}", BATCH_TERMINAL.__contains__, poll_interval, timeout,
+                          still_running="; it keeps running, poll it again later")
 
     def batch_results(self, batch_id: str, requests: Iterable[LabelRequest]) -> Iterator[LabelResult]:
         """One result per request from a finished batch's output and error files.
@@ -604,20 +613,9 @@ class OpenAICompatibleLabeler:
             FineTuneFailed: the job failed or was cancelled (with the job's error).
             TimeoutError: still running after ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        last_status = None
-        while True:
-            job = self._request("GET", f"/fine_tuning/jobs/{job_id}").json()
-            status = job.get("status")
-            if status != last_status:
-                logger.info("fine-tuning job %s: %s", job_id, status)
-                last_status = status
-            if status == "succeeded":
-                return job["fine_tuned_model"]
-            if status in ("failed", "cancelled"):
-                error = job.get("error") or {}
-                raise FineTuneFailed(f"fine-tuning job {job_id} {status}: {error.get('code')}: {error.get('message')}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"fine-tuning job {job_id} is still {status!r} after {timeout:.0f} s")
-            self._sleep(min(poll_interval, remaining))
+        job = self._poll(f"/fine_tuning/jobs/{job_id}", f"fine-tuning job {job_id}", lambda st: st in ("succeeded", "failed", "cancelled"),
+                         poll_interval, timeout)
+        if job["status"] != "succeeded":
+            error = job.get("error") or {}
+            raise FineTuneFailed(f"fine-tuning job {job_id} {job['status']}: {error.get('code')}: {error.get('message')}")
+        return job["fine_tuned_model"]

@@ -17,8 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from dashclip_core.config import PipelineConfig, per_worker_batch_size
-from dashclip_core.losses import (FeatureQueue, ImageTextContrastiveLoss, ImageTextMatchingLoss, MomentumDistillationITCLoss,
-                                  MomentumEncoder, itm_labels, sample_itm_negatives)
+from dashclip_core.losses import (
+    FeatureQueue,
+    ImageTextContrastiveLoss,
+    ImageTextMatchingLoss,
+    MomentumDistillationITCLoss,
+    MomentumEncoder,
+    itm_labels,
+    sample_itm_negatives,
+)
 from dashclip_core.losses.distributed import gather_no_grad, gather_with_grad
 from dashclip_core.models.encoders import ProductEncoder, count_parameters, save_encoder
 from dashclip_core.models.inputs import InputBuilder, product_text

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from dashclip_core.config import ImageTowerConfig, PipelineConfig
-from dashclip_core.models.towers import EfficientNetLiteTower
 from dashclip_core.models.image_stem import StemStore, build_stem_store
 from dashclip_core.models.inputs import InputBuilder
+from dashclip_core.models.towers import EfficientNetLiteTower
 from dashclip_core.training.stage1 import build_stage1, flip_horizontally, text_views
 
 SIZE = 64  # small photos: the tower is the real pretrained Lite0, only the input is small

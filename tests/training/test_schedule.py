@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ def test_warmup_then_cosine_to_the_floor():
     assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
     assert lr_factor(500, 100, 10, 0.1) == pytest.approx(0.1)  # past the end: the floor
     values = [lr_factor(s, 100, 10, 0.1) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_stage_factor_constant_and_unknown():

@@ -89,7 +89,7 @@ def test_momentum_distillation_step_updates_the_ema_copy_and_fills_the_queue(tin
     pixels, ids = torch.randn(b, 3, s, s), torch.randint(1000, 2000, (b, 7))
     mask, groups = torch.ones(b, 7, dtype=torch.long), torch.tensor([0, 0, 1, 2, 3, 4])
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    loss, parts = model(pixels, ids, mask, groups, torch.Generator().manual_seed(0), alpha=0.4)
+    loss, _ = model(pixels, ids, mask, groups, torch.Generator().manual_seed(0), alpha=0.4)
     assert torch.isfinite(loss) and model.queue.num_filled() == b
     assert model.queue.group_id_queue[:b].tolist() == groups.tolist()
     loss.backward()
