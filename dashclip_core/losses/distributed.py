@@ -36,3 +36,28 @@ def gather_no_grad(x: Tensor) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     torch.distributed.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if world_size() > 1 else 0
+
+
+def local_rows(batch_size: int, device: torch.device | None = None) -> Tensor:
+    """(B,) indices of this rank's items in the gathered global batch (rank order, equal slices)."""
+    start = rank() * batch_size
+    return torch.arange(start, start + batch_size, device=device)
+
+
+def pad_to_global_max(x: Tensor, dim: int, value: float = 0.0) -> Tensor:
+    """Pad ``x`` along ``dim`` to the longest size on any rank, so ranks whose tokenizer padded their
+    slice to different lengths can all_gather. A no-op on one worker."""
+    if world_size() == 1:
+        return x
+    longest = torch.tensor([x.shape[dim]], device=x.device)
+    torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+    missing = int(longest.item()) - x.shape[dim]
+    if missing == 0:
+        return x
+    pad_shape = list(x.shape)
+    pad_shape[dim] = missing
+    return torch.cat([x, x.new_full(pad_shape, value)], dim=dim)

@@ -26,7 +26,7 @@ class ITMNegatives(NamedTuple):
 
 
 @torch.no_grad()
-def sample_itm_negatives(sim_i2t: Tensor, product_ids: Tensor, generator: torch.Generator) -> ITMNegatives:
+def sample_itm_negatives(sim_i2t: Tensor, product_ids: Tensor, generator: torch.Generator, rows: Tensor | None = None) -> ITMNegatives:
     """Sample one hard negative text per image and one hard negative image per text, as BLIP does for ITM.
 
     Steps (BLIP, Li et al. 2022, arXiv 2201.12086, Sec. 3.2, ITM paragraph; the strategy is ALBEF's,
@@ -42,6 +42,11 @@ def sample_itm_negatives(sim_i2t: Tensor, product_ids: Tensor, generator: torch.
             for all rows at once.
         (4) Rows with no allowed entry get index -1 and ``valid`` False.
 
+    Data-parallel training (BLIP's ``concat_all_gather``): each worker passes the *global* (G, G) matrix over every
+    worker's items and ``rows``, the global indices of its own items; it draws negatives for those rows only,
+    from all G candidates, so a worker's image can be matched against a text another worker encoded. The
+    returned indices then point into the global batch. ``rows=None`` means every row (one worker).
+
     Invalid rows: row i has no negative exactly when every id in the batch equals product_ids[i], i.e. when the
     batch holds a single distinct product, so in this square, in-batch setting ``valid`` is either all True or
     all False. The caller must drop invalid rows (``idx[valid]``) before indexing; do not index with the -1
@@ -53,9 +58,10 @@ def sample_itm_negatives(sim_i2t: Tensor, product_ids: Tensor, generator: torch.
             :meth:`ImageTextContrastiveLoss.similarities`; gradients are never taken through it.
         product_ids: (B,) integer product ids, row-aligned with both the images and the texts.
         generator: torch.Generator on ``sim_i2t.device``; seeds the draws so they can be replayed.
+        rows: (R,) long, the rows to draw for (this worker's items in the global batch); None for all B.
 
     Returns:
-        :class:`ITMNegatives` ``(text_idx (B,), image_idx (B,), valid (B,))``.
+        :class:`ITMNegatives` ``(text_idx (R,), image_idx (R,), valid (R,))``, indices into the B columns.
 
     Raises:
         ValueError: on a non-square ``sim_i2t``, mismatched ``product_ids``, or a generator on another device.
@@ -71,18 +77,23 @@ def sample_itm_negatives(sim_i2t: Tensor, product_ids: Tensor, generator: torch.
             f"create it with torch.Generator(device=sim_i2t.device)"
         )
 
+    if rows is None:
+        rows = torch.arange(batch_size, device=sim_i2t.device)
+    elif rows.ndim != 1 or bool(((rows < 0) | (rows >= batch_size)).any()):
+        raise ValueError(f"rows must be a 1-D tensor of indices in [0, {batch_size}), got {rows.tolist()}")
+
     # Step (1)
-    same = product_ids[:, None] == product_ids[None, :]  # (B, B), symmetric
-    valid = ~same.all(dim=1)  # (B,)
+    same = product_ids[rows][:, None] == product_ids[None, :]  # (R, B); same product for text or image alike
+    valid = ~same.all(dim=1)  # (R,)
     # Step (2): at least float32, so bf16/fp16 logits do not lose the ordering of close similarities.
     sim = sim_i2t.detach().to(torch.promote_types(sim_i2t.dtype, torch.float32))  # (B, B)
     # Invalid rows get uniform weights only so that multinomial accepts them; their draw is overwritten in step (4).
-    blocked = same & valid[:, None]  # (B, B); same is symmetric, so it masks both directions
-    weights_i2t = sim.masked_fill(blocked, float("-inf")).softmax(dim=1)  # (B, B)
-    weights_t2i = sim.T.masked_fill(blocked, float("-inf")).softmax(dim=1)  # (B, B)
+    blocked = same & valid[:, None]  # (R, B); ids match both ways, so it masks both directions
+    weights_i2t = sim[rows].masked_fill(blocked, float("-inf")).softmax(dim=1)  # (R, B)
+    weights_t2i = sim.T[rows].masked_fill(blocked, float("-inf")).softmax(dim=1)  # (R, B)
     # Step (3)
-    text_idx = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)  # (B,)
-    image_idx = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)  # (B,)
+    text_idx = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)  # (R,)
+    image_idx = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)  # (R,)
     # Step (4)
     text_idx = text_idx.masked_fill(~valid, -1)
     image_idx = image_idx.masked_fill(~valid, -1)

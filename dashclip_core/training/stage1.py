@@ -26,7 +26,7 @@ from dashclip_core.losses import (
     itm_labels,
     sample_itm_negatives,
 )
-from dashclip_core.losses.distributed import gather_no_grad, gather_with_grad
+from dashclip_core.losses.distributed import gather_no_grad, gather_with_grad, local_rows, pad_to_global_max
 from dashclip_core.models.encoders import ProductEncoder, count_parameters, save_encoder
 from dashclip_core.models.inputs import InputBuilder, product_text
 
@@ -153,14 +153,22 @@ class Stage1Model(nn.Module):
         text_emb, text_states = self.encoder.encode_text(input_ids, attention_mask)  # (B, D), (B, T, H)
         itc = self.contrastive(image_emb, text_emb, group_ids, pixels, input_ids, attention_mask, from_stem, alpha)
 
-        # ITM with hard negatives sampled from the ITC similarities (BLIP Sec. 3.2), within this worker's
-        # slice: a negative from another worker would need its token states shipped here.
-        neg = sample_itm_negatives(self.itc.similarities(image_emb, text_emb).detach(), group_ids, generator)
-        v = neg.valid  # (B,) rows that have a negative (some other product is in the batch)
+        # ITM with hard negatives sampled from the ITC similarities of the *global* batch (BLIP Sec. 3.2 and its
+        # concat_all_gather / all_gather_with_grad): this worker's images and texts are paired with negatives
+        # any worker encoded, so 2 workers of 16 draw from the same 32 candidates as 1 worker of 32. Token
+        # states travel with gradients so a negative's encoder gets its share of the ITM gradient.
+        with torch.no_grad():
+            sim_global = self.itc.similarities(gather_no_grad(image_emb.detach()), gather_no_grad(text_emb.detach()))
+        rows = local_rows(pixels.shape[0], device=sim_global.device)  # (B,) this worker's items, global indices
+        neg = sample_itm_negatives(sim_global, gather_no_grad(group_ids), generator, rows=rows)
+        v = neg.valid  # (B,) rows that have a negative (some other product is in the global batch)
+        all_states = gather_with_grad(pad_to_global_max(text_states, dim=1))  # (G, T_max, H)
+        all_masks = gather_no_grad(pad_to_global_max(attention_mask, dim=1))  # (G, T_max)
+        all_images = gather_with_grad(image_tokens)  # (G, N, H)
         # Blocks: B positives (text_i, image_i); negative texts for images; negative images for texts.
-        states = torch.cat([text_states, text_states[neg.text_idx[v]], text_states[v]], dim=0)
-        masks = torch.cat([attention_mask, attention_mask[neg.text_idx[v]], attention_mask[v]], dim=0)
-        images = torch.cat([image_tokens, image_tokens[v], image_tokens[neg.image_idx[v]]], dim=0)
+        states = torch.cat([all_states[rows], all_states[neg.text_idx[v]], all_states[rows[v]]], dim=0)
+        masks = torch.cat([all_masks[rows], all_masks[neg.text_idx[v]], all_masks[rows[v]]], dim=0)
+        images = torch.cat([all_images[rows], all_images[rows[v]], all_images[neg.image_idx[v]]], dim=0)
         logits = self.encoder.itm_logits(states, masks, images)  # (B + 2*n_valid, 2)
         itm = self.itm(logits, itm_labels(pixels.shape[0], 2 * int(v.sum()), device=logits.device))
 
