@@ -29,12 +29,18 @@ DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(minutes=2)}
         "num_workers": Param(None, type=["null", "integer"], minimum=1, description="Ray Train workers (empty = config)"),
         "use_gpu": Param(None, type=["null", "boolean"], description="Train on GPUs (empty = config)"),
         "promote": Param(None, type=["null", "boolean"], description="Move `champion` when the new model wins (empty = config)"),
+        "labeler": Param(None, type=["null", "string"], enum=[None, "softmax", "cross_encoder", "openai"],
+                         description="Who grades the candidate pairs (empty = config)"),
+        "llm_model": Param(None, type=["null", "string"], description="openai labeler: model id, e.g. ft:... (empty = config)"),
+        "max_cost_usd": Param(None, type=["null", "number"], minimum=0, description="Stop labelling at this spend (empty = config)"),
+        "labeling_dry_run": Param(None, type=["null", "boolean"], description="Only estimate the labelling cost, then stop (empty = config)"),
     },
     doc_md=__doc__,
 )
 def dashclip_nightly():
     """### DashCLIP nightly
-    extract catalog → **catalog gate** → label pairs (teacher) → **label gate** → stage 1 (ITC+ITM, Ray) →
+    extract catalog → **catalog gate** → label pairs (teacher scored on held-out human labels: **quality gate**;
+    cache, budget) → **label gate** → stage 1 (ITC+ITM, Ray) →
     stage 2 (QCC, Ray) ‖ embedding backfill (Ray Data) → **embedding gate** → FAISS index → evaluate →
     register in MLflow (`challenger`, `champion` when it wins).
     """

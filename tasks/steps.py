@@ -83,33 +83,132 @@ def validate_catalog(catalog: dict, params: dict | None = None, run_id: str | No
 
 
 def label_pairs(catalog_gate: dict, params: dict | None = None, run_id: str | None = None) -> dict:
-    """Candidate pairs from the search log + BM25 + random; the teacher (trained on human labels) grades them 0/1/2."""
+    """Candidate pairs (search log + BM25 + random) graded 0/1/2 by the configured labeler.
+
+    The labeler is scored on held-out human labels first (the teacher quality gate): below
+    ``labeling.min_teacher_*`` the DAG stops here, before a candidate is paid for, with the report in this
+    step's folder and in MLflow. Then the candidates stream through the label cache (a re-run pays
+    nothing twice), the budget (stops the step cleanly; labels so far stay cached and stored) and the
+    label store under ``<cache>/labels``.
+    """
     cfg = resolve_config(params)
     paths = run_paths(cfg, run_id)
+    lc = cfg.labeling
 
     def body(out):
         import pandas as pd
 
+        from dashclip_core.labeling.budget import BudgetExhausted
+        from dashclip_core.labeling.cache import LabelCache
         from dashclip_core.labeling.pairs import candidate_pairs, combine_labels
-        from dashclip_core.labeling.teacher import train_and_label
-        from dashclip_core.registry.mlflow_registry import log_metrics
+        from dashclip_core.labeling.pipeline import (
+            budget_for,
+            build_labeler,
+            gate_thresholds,
+            ok_labels,
+            requests_for,
+            score_labeler,
+            split_human_labels,
+        )
+        from dashclip_core.labeling.quality import QualityGateError, check_quality, write_quality_report
+        from dashclip_core.labeling.runner import label_pairs_streaming
+        from dashclip_core.labeling.store import LabelStore
+        from dashclip_core.registry.mlflow_registry import log_artifact_dir, log_metrics
         from dashclip_core.storage import write_json
 
         products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
         snap = paths.local("extract_catalog")
         log, human = pd.read_parquet(snap / "search_log.parquet"), pd.read_parquet(snap / "human_labels.parquet")
         human = human[human["product_id"].isin(set(products["product_id"]))]
-        cands = candidate_pairs(products, log, human, cfg.labeling, seed=cfg.catalog.seed)
-        teacher, report = train_and_label(products, human, cands, cfg.labeling, seed=cfg.catalog.seed)
+        cands = candidate_pairs(products, log, human, lc, seed=cfg.catalog.seed)
+        labels_dir = cfg.cache_dir() / "labels"
+        labels_dir.mkdir(parents=True, exist_ok=True)
+        run = mlflow_run(cfg, paths.run_id)
+
+        # 1. Build the labeler and gate it on held-out human labels, before any candidate is paid for.
+        fit, held_out = split_human_labels(human, lc.teacher_holdout_fraction, cfg.catalog.seed, lc.teacher_holdout_max_pairs)
+        labeler = build_labeler(lc, fit, products, cfg.catalog.seed, endpoint=llm_endpoint(lc),
+                                state_dir=labels_dir)
+        budget = budget_for(lc)  # one budget for the whole step: held-out scoring and candidates
+        with LabelCache(labels_dir / "label_cache.sqlite") as cache:
+            try:
+                quality = score_labeler(labeler, held_out, products, cache, budget)
+            except BudgetExhausted as exc:
+                fail(f"label_pairs: scoring the teacher on {len(held_out):,} held-out human labels does not fit the budget "
+                     f"({exc}); lower labeling.teacher_holdout_max_pairs or raise the budget")
+            quality["n_train"], quality["n_holdout"] = len(fit), len(held_out)
+            write_quality_report(quality, out)
+            log_artifact_dir(cfg, run["run_id"], out, "labeling")
+            log_metrics(cfg, run["run_id"], {f"teacher/{k}": quality[k] for k in ("accuracy", "kappa", "macro_f1")})
+            try:
+                check_quality(quality, **gate_thresholds(lc))
+            except QualityGateError as exc:
+                return {"passed": False, "message": str(exc), "labeler_id": labeler.labeler_id,
+                        **{f"teacher_{k}": quality[k] for k in ("accuracy", "kappa", "macro_f1")}}
+
+            # 2. Stream the candidates through cache, budget and store.
+            store = LabelStore(labels_dir / "store")
+            summary = label_pairs_streaming(requests_for(cands, products), labeler, cache, store, budget=budget,
+                                            chunk_size=lc.label_chunk_size, dry_run=lc.dry_run)
+        if summary.dry_run:
+            fail(f"labeling.dry_run: {summary.message}; nothing was labelled. Set labeling.dry_run false to label")
+        if summary.stopped_by_budget:
+            fail(f"label_pairs {summary.message}")  # this attempt publishes nothing; a retry starts from the cache
+        teacher, _ = ok_labels(store, labeler.labeler_id)
+        teacher = teacher.merge(cands[["query", "product_id"]], on=["query", "product_id"])  # this run's pairs only
+        n_failed = len(cands) - len(teacher)
+        if n_failed > lc.max_failed_fraction * len(cands):
+            fail(f"label_pairs: {n_failed:,} of {len(cands):,} candidate pairs got no label from {labeler.labeler_id} "
+                 f"(> labeling.max_failed_fraction {lc.max_failed_fraction}); see the store {labels_dir / 'store'} for the "
+                 "reasons. They are not cached: a re-run retries only them")
+
         labels = combine_labels(human, teacher)
         labels.to_parquet(out / "labels.parquet", index=False)
+        report = {"labeler": labeler.labeler_id, **{k: quality[k] for k in ("accuracy", "kappa", "macro_f1", "n")},
+                  "n_holdout": len(held_out), "n_train": len(fit), "confusion": quality["confusion"],
+                  "label_counts": {str(k): int(v) for k, v in teacher["label"].value_counts().sort_index().items()}}
         write_json(out / "teacher_report.json", report)
-        run = mlflow_run(cfg, paths.run_id)
-        log_metrics(cfg, run["run_id"], {"teacher/accuracy": report["accuracy"], "teacher/kappa": report["kappa"], "labels/n": len(labels)})
-        return {"n_labels": len(labels), "n_teacher_labels": len(teacher), "n_human_labels": len(human),
-                "teacher_accuracy": report["accuracy"], "teacher_kappa": report["kappa"]}
+        write_json(out / "labeling_summary.json", summary.as_dict())
+        log_metrics(cfg, run["run_id"], {"labels/n": len(labels), "labels/cache_hit_rate": summary.cache_hit_rate,
+                                         "labels/tokens": summary.tokens, "labels/cost_usd": summary.cost_usd,
+                                         "labels/failed": n_failed})
+        return {"passed": True, "n_labels": len(labels), "n_teacher_labels": len(teacher), "n_human_labels": len(human),
+                "n_failed": n_failed, "labeler_id": labeler.labeler_id, "cache_hit_rate": summary.cache_hit_rate,
+                "tokens": summary.tokens, "cost_usd": summary.cost_usd,
+                "teacher_accuracy": quality["accuracy"], "teacher_kappa": quality["kappa"], "teacher_macro_f1": quality["macro_f1"]}
 
-    return run_step(paths, "label_pairs", body)
+    from dashclip_core.labeling.openai_backend import AuthenticationError
+
+    try:
+        summary = run_step(paths, "label_pairs", body)
+    except AuthenticationError as exc:  # every pair would fail the same way: stop without retries
+        fail(f"label_pairs: the LLM API rejected the credentials ({exc}); fix the Airflow connection "
+             f"{lc.llm_connection_id!r} or $OPENAI_API_KEY")
+    if not summary.get("passed", True):
+        fail(f"{summary['message']}; the report is in {summary['uri']}/teacher_quality.json and in MLflow under labeling/")
+    return summary
+
+
+def llm_endpoint(lc):
+    """The LLM API's URL and key: the Airflow connection ``labeling.llm_connection_id`` when it exists, else
+    ``$DASHCLIP_LLM_BASE_URL`` (or ``labeling.llm_base_url``) and ``$OPENAI_API_KEY``. None for offline labelers."""
+    import os
+
+    from dashclip_core.labeling.pipeline import LLMEndpoint
+
+    if lc.labeler != "openai":
+        return None
+    if lc.llm_connection_id:
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        from dashclip_core.labeling.openai_backend import credentials_from_airflow_connection
+
+        try:
+            base_url, key = credentials_from_airflow_connection(lc.llm_connection_id)
+            return LLMEndpoint(base_url, key or os.environ.get("OPENAI_API_KEY"))
+        except AirflowNotFoundException:
+            logger.info("no Airflow connection %r; using $DASHCLIP_LLM_BASE_URL / labeling.llm_base_url", lc.llm_connection_id)
+    return LLMEndpoint(os.environ.get("DASHCLIP_LLM_BASE_URL") or lc.llm_base_url, os.environ.get("OPENAI_API_KEY"))
 
 
 def validate_labels(labels: dict, params: dict | None = None, run_id: str | None = None) -> dict:

@@ -35,7 +35,8 @@ def test_dagbag_has_no_import_errors_and_expected_graph(airflow_db):
     assert {t.task_id: set(t.downstream_task_ids) for t in dag.tasks} == EXPECTED_DOWNSTREAM
     assert dag.catchup is False and dag.max_active_runs == 1
     assert dag.timetable.expression == "0 0 * * *"  # @daily
-    assert set(dag.params.keys()) == {"config_path", "sample_size", "epochs", "num_workers", "use_gpu", "promote"}
+    assert set(dag.params.keys()) == {"config_path", "sample_size", "epochs", "num_workers", "use_gpu", "promote",
+                                      "labeler", "llm_model", "max_cost_usd", "labeling_dry_run"}
 
 
 def test_dag_file_imports_no_heavy_module():
