@@ -104,6 +104,7 @@ def label_pairs(catalog_gate: dict, params: dict | None = None, run_id: str | No
         from dashclip_core.labeling.pipeline import (
             budget_for,
             build_labeler,
+            estimate_run,
             gate_thresholds,
             ok_labels,
             requests_for,
@@ -127,6 +128,11 @@ def label_pairs(catalog_gate: dict, params: dict | None = None, run_id: str | No
 
         # 1. Build the labeler and gate it on held-out human labels, before any candidate is paid for.
         fit, held_out = split_human_labels(human, lc.teacher_holdout_fraction, cfg.catalog.seed, lc.teacher_holdout_max_pairs)
+        if lc.dry_run:  # before anything is fitted, fine-tuned or sent
+            with LabelCache(labels_dir / "label_cache.sqlite") as cache:
+                estimate = estimate_run(lc, requests_for(held_out, products), requests_for(cands, products), cache)
+            fail(f"labeling.dry_run: {estimate}. Nothing was labelled; set labeling.dry_run false (DAG param "
+                 "labeling_dry_run) to label")
         labeler = build_labeler(lc, fit, products, cfg.catalog.seed, endpoint=llm_endpoint(lc),
                                 state_dir=labels_dir)
         budget = budget_for(lc)  # one budget for the whole step: held-out scoring and candidates
@@ -149,9 +155,7 @@ def label_pairs(catalog_gate: dict, params: dict | None = None, run_id: str | No
             # 2. Stream the candidates through cache, budget and store.
             store = LabelStore(labels_dir / "store")
             summary = label_pairs_streaming(requests_for(cands, products), labeler, cache, store, budget=budget,
-                                            chunk_size=lc.label_chunk_size, dry_run=lc.dry_run)
-        if summary.dry_run:
-            fail(f"labeling.dry_run: {summary.message}; nothing was labelled. Set labeling.dry_run false to label")
+                                            chunk_size=lc.label_chunk_size)
         if summary.stopped_by_budget:
             fail(f"label_pairs {summary.message}")  # this attempt publishes nothing; a retry starts from the cache
         teacher, _ = ok_labels(store, labeler.labeler_id)

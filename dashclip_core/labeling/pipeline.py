@@ -290,6 +290,43 @@ def score_labeler(labeler, held_out: pd.DataFrame, products: pd.DataFrame, cache
     return report
 
 
+def expected_labeler_id(cfg: LabelingConfig) -> str | None:
+    """The id the configured labeler will have, known without building it (so without paying): the LLM's
+    ``openai:<model>:<prompt>``; None for offline teachers (their id hashes the fit) and for a model still to be
+    fine-tuned (nothing of it can be cached yet)."""
+    from dashclip_core.labeling.prompt import PROMPT_VERSION
+
+    if cfg.labeler == "openai" and not cfg.llm_fine_tune:
+        return f"openai:{cfg.llm_model}:{PROMPT_VERSION}"
+    return None
+
+
+def estimate_run(cfg: LabelingConfig, held_out: Iterable[LabelRequest], candidates: Iterable[LabelRequest],
+                 cache: LabelCache) -> str:
+    """The dry run: what scoring the teacher and labelling the candidates would cost, from the cache and the
+    prices alone. Nothing is sent (no teacher is fitted or fine-tuned either)."""
+    from dashclip_core.labeling.budget import estimate_cost
+
+    lid = expected_labeler_id(cfg)
+    if cfg.labeler != "openai":
+        n_held, n_cand = sum(1 for _ in held_out), sum(1 for _ in candidates)
+        return (f"dry run: the offline {cfg.labeler} teacher would be fitted, scored on {n_held:,} held-out pairs and "
+                f"grade {n_cand:,} candidate pairs; it costs no tokens")
+    prices = {"price_per_1k_input": cfg.price_per_1k_input, "price_per_1k_output": cfg.price_per_1k_output}
+    parts = [(name, estimate_cost(requests, cache if lid else None, lid or "", **prices))
+             for name, requests in (("teacher scoring (held-out)", held_out), ("candidates", candidates))]
+    total_tokens = sum(e.est_tokens for _, e in parts)
+    total_cost = sum(e.est_cost_usd for _, e in parts)
+    text = "; ".join(f"{name}: {e.n_pairs:,} pairs, {e.n_cached:,} cached, {e.n_to_label:,} to label, "
+                     f"~{e.est_tokens:,} tokens, ~${e.est_cost_usd:,.4f}" for name, e in parts)
+    budget = budget_for(cfg)
+    verdict = ""
+    if budget is not None and (budget.max_tokens is not None or budget.max_cost_usd is not None):
+        fits = budget.fits(sum(e.est_input_tokens for _, e in parts), sum(e.est_output_tokens for _, e in parts))
+        verdict = "; fits the budget" if fits else f"; EXCEEDS the budget ({budget.message()})"
+    return f"dry run with {lid or cfg.llm_model + ' (fine-tuned first)'}: {text}; total ~{total_tokens:,} tokens, ~${total_cost:,.4f}{verdict}"
+
+
 def gate_thresholds(cfg: LabelingConfig) -> dict:
     return {"min_accuracy": cfg.min_teacher_accuracy, "min_kappa": cfg.min_teacher_kappa,
             "min_macro_f1": cfg.min_teacher_macro_f1 or None}

@@ -187,3 +187,21 @@ def test_a_bad_teacher_stops_the_dag_before_training_with_the_report(airflow_db,
     assert {a.path for a in client.list_artifacts(run.info.run_id, "labeling")} >= {"labeling/teacher_quality.json", "labeling/teacher_confusion.png"}
     # and only held-out pairs were paid for (at most one call per held-out row): no candidate was sent
     assert 0 < n_scored <= quality["n"]
+
+
+def test_dry_run_estimates_the_cost_and_sends_nothing(airflow_db, tmp_path, tiny_config, llm_server):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks import steps
+
+    # Given a dry run with prices
+    cfg_path = _config(tmp_path, tiny_config, dry_run=True, price_per_1k_input=0.15, price_per_1k_output=0.6, max_cost_usd=0.01)
+    dr, states = _run(cfg_path)
+    # Then label_pairs stops the DAG without a single API call (not even the teacher's held-out scoring)
+    assert states["label_pairs"] == "failed" and states["validate_labels"] in ("upstream_failed", "None", "none"), states
+    assert llm_server.requests == []
+    # and says what the run would cost, against the budget
+    with pytest.raises(AirflowFailException, match=r"dry run with openai:gpt-test:relevance-v1: teacher scoring \(held-out\): "
+                                                   r"\d+ pairs, 0 cached.*candidates: \d[\d,]* pairs.*~\$\d+\.\d{4}; EXCEEDS the budget"):
+        steps.label_pairs({}, params={"config_path": str(cfg_path)}, run_id=dr.run_id)
+    assert llm_server.requests == []
