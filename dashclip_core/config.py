@@ -158,6 +158,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     num_workers: int = 2  # Ray Train workers
     use_gpu: bool = False
+    amp: str = "auto"  # autocast: "auto" = bf16 on CUDA, fp32 on CPU | "bf16" | "fp16" (with a GradScaler) | "off"
+    max_nonfinite_steps: int = 20  # steps with a non-finite loss/gradient are skipped; this many in a row, then the run fails
     seed: int = 0
     holdout_product_regex: str = ""  # products whose id matches are never trained on (stage 1, stage 2) but are indexed and evaluated
     torch_threads_per_worker: int = 1

@@ -100,21 +100,29 @@ def load_latest_checkpoint() -> dict | None:
         return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
-def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, stage: str) -> tuple[int, int]:
-    """Load the latest checkpoint of this run into ``model``/``opt``; return (start_epoch, step)."""
+def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, stage: str, precision=None) -> tuple[int, int]:
+    """Load the latest checkpoint of this run into ``model``/``opt`` (and the fp16 loss scale into
+    ``precision``, a :class:`~dashclip_core.training.precision.MixedPrecision`); return (start_epoch, step)."""
     state = load_latest_checkpoint()
     if state is None:
         return 0, 0
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
+    if precision is not None:
+        precision.load_state_dict(state.get("precision"))
     logger.info("%s resumes at epoch %d (step %d)", stage, state["epoch"] + 1, state["step"])
     return state["epoch"] + 1, state["step"]
 
 
-def end_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int, metrics: dict) -> None:
-    """Checkpoint the unwrapped model and optimizer after an epoch and report (on every worker)."""
+def end_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int, metrics: dict, precision=None) -> None:
+    """Checkpoint the unwrapped model, the optimizer (and the loss scale of ``precision``) after an epoch and
+    report (on every worker)."""
     inner = model.module if hasattr(model, "module") else model
-    save_checkpoint({"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step}, metrics)
+    state = {"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step}
+    if precision is not None:
+        state["precision"] = precision.state_dict()
+        metrics = {**metrics, "precision": precision.name, "skipped_steps_total": precision.skipped_total}
+    save_checkpoint(state, metrics)
 
 
 class EpochMeter:

@@ -203,6 +203,7 @@ def stage1_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from dashclip_core.training.precision import MixedPrecision
     from dashclip_core.training.ray_launcher import EpochMeter, MetricsLogger, end_epoch, resume
     from dashclip_core.training.schedule import apply_lr, stage_lr_factor
 
@@ -217,10 +218,10 @@ def stage1_worker(config: dict) -> None:
     model = build_stage1(cfg)
     opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage1_lr), weight_decay=cfg.train.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]  # before resume: the checkpoint's optimizer holds a decayed rate
-    start_epoch, step = resume(model, opt, "stage1")  # a retried run continues after its last finished epoch
-    model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU)
     device = ray.train.torch.get_device()
-    use_amp = device.type == "cuda"
+    precision = MixedPrecision(cfg.train.amp, device, cfg.train.max_nonfinite_steps, "stage1")
+    start_epoch, step = resume(model, opt, "stage1", precision)  # a retried run continues after its last finished epoch
+    model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU)
     mlflow_log = MetricsLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"], "stage1", enabled=rank == 0)
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     aug = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 1)  # flips and text views
@@ -240,18 +241,16 @@ def stage1_worker(config: dict) -> None:
             images = flip_horizontally(images, cfg.train.stage1_flip_prob, aug)
             text = builder.product_texts(*text_views(rows, cfg.train.stage1_title_only_prob, aug))
             group_ids = torch.as_tensor(rows["group_id"].to_numpy())
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with precision.autocast():
                 loss, parts = model(images.to(device), text["input_ids"].to(device), text["attention_mask"].to(device), group_ids.to(device), gen,
                                     from_stem=stem_cache is not None, alpha=alpha)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"stage1: non-finite loss {loss.item()} at epoch {epoch} step {step}; lower train.stage1_lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            precision.backward(loss)
             apply_lr(opt, base_lrs, stage_lr_factor(cfg.train, step, len(steps), cfg.train.stage1_epochs))
-            opt.step()
+            applied = precision.step(opt, loss, epoch, step)  # a non-finite step is skipped (and too many in a row fail)
             step += 1
-            meter.add(parts, step)
-        end_epoch(model, opt, epoch, step, meter.finish(epoch, step))
+            meter.add({**parts, "skipped_step": torch.tensor(0.0 if applied else 1.0)}, step)
+        end_epoch(model, opt, epoch, step, meter.finish(epoch, step), precision)
 
 
 # ---- launcher ----------------------------------------------------------------------------------
@@ -267,8 +266,10 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
         ray_storage / ray_name: identify the Ray run (a retry with the same pair resumes).
         mlflow_run: {"tracking_uri", "run_id"} for per-step curves.
     """
+    from dashclip_core.training.precision import autocast_dtype
     from dashclip_core.training.ray_launcher import fit, read_checkpoint
 
+    autocast_dtype(cfg.train.amp, "cuda")  # an unknown train.amp fails here, before Ray starts
     pairs = stage1_pairs(trainable_products(products, cfg))
     if len(pairs) < cfg.train.stage1_batch_size:
         raise ValueError(
@@ -287,10 +288,11 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
         result = fit(stage1_worker, worker_config, cfg, ray_name, ray_storage)
         state = read_checkpoint(result)
         final_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        precision = result.metrics.get("precision", "fp32")
     else:  # zero epochs: the untrained (initial) encoder, still a real model
         pairs.to_parquet(pairs_path, index=False)
         state = {"model": build_stage1(cfg).state_dict()}
-        final_metrics = {}
+        final_metrics, precision = {}, None
     model = build_stage1(cfg)
     model.load_state_dict(state["model"])
     save_encoder(model.encoder, cfg.model, out_dir / PRODUCT_ENCODER_DIR)
@@ -299,6 +301,7 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
         "n_groups": int(pairs["group_id"].nunique()),
         "train_seconds": round(time.time() - t0, 1),
         **{f"final_{k}": v for k, v in final_metrics.items()},
+        "precision": precision,
         **count_parameters(model.encoder),
     }
     (out_dir / "metrics.json").write_text(json.dumps(info, indent=2))

@@ -60,6 +60,7 @@ def stage2_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from dashclip_core.training.precision import MixedPrecision
     from dashclip_core.training.ray_launcher import EpochMeter, MetricsLogger, end_epoch, resume
     from dashclip_core.training.schedule import apply_lr, stage_lr_factor
 
@@ -79,7 +80,9 @@ def stage2_worker(config: dict) -> None:
     del product_encoder
     opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage2_lr), weight_decay=cfg.train.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]  # before resume: the checkpoint's optimizer holds a decayed rate
-    start_epoch, step = resume(model, opt, "stage2")  # a retried run continues after its last finished epoch
+    device = ray.train.torch.get_device()
+    precision = MixedPrecision(cfg.train.amp, device, cfg.train.max_nonfinite_steps, "stage2")
+    start_epoch, step = resume(model, opt, "stage2", precision)  # a retried run continues after its last finished epoch
     cache_chunk = cfg.train.stage2_grad_cache_chunk
     if cache_chunk > 0:
         # GradCache runs its own backward through the query encoder, so DDP must wrap the encoder itself
@@ -87,7 +90,6 @@ def stage2_worker(config: dict) -> None:
         ddp_encoder = ray.train.torch.prepare_model(model.query_encoder)
     else:
         model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
     mlflow_log = MetricsLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"], "stage2", enabled=rank == 0)
     rng = np.random.default_rng(cfg.train.seed * 7919 + rank)
 
@@ -111,21 +113,20 @@ def stage2_worker(config: dict) -> None:
             inputs = (product_emb[pidx].to(device), tok["input_ids"].to(device), tok["attention_mask"].to(device),
                       torch.as_tensor(rows["label"].to_numpy()).to(device), pmask.to(device))
             opt.zero_grad(set_to_none=True)
-            if cache_chunk > 0:  # loss and backward in one go, chunk by chunk
-                out = cached_qcc_step(ddp_encoder, model.qcc, *inputs, n_hard=HARD_NEGATIVES, hard_mask=torch.tensor(hard_mask).to(device),
-                                      mini_batch_size=cache_chunk, no_sync=getattr(ddp_encoder, "no_sync", None))
-                loss, parts = out.loss, out.parts
-            else:
-                loss, parts = model(*inputs, HARD_NEGATIVES, torch.tensor(hard_mask).to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"stage2: non-finite loss {loss.item()} at epoch {epoch} step {step}; lower train.stage2_lr")
+            with precision.autocast():
+                if cache_chunk > 0:  # loss and backward in one go, chunk by chunk (fp32 or bf16: no loss scale)
+                    out = cached_qcc_step(ddp_encoder, model.qcc, *inputs, n_hard=HARD_NEGATIVES, hard_mask=torch.tensor(hard_mask).to(device),
+                                          mini_batch_size=cache_chunk, no_sync=getattr(ddp_encoder, "no_sync", None))
+                    loss, parts = out.loss, out.parts
+                else:
+                    loss, parts = model(*inputs, HARD_NEGATIVES, torch.tensor(hard_mask).to(device))
             if cache_chunk <= 0:
-                loss.backward()
+                precision.backward(loss)
             apply_lr(opt, base_lrs, stage_lr_factor(cfg.train, step, len(steps), cfg.train.stage2_epochs))
-            opt.step()
+            applied = precision.step(opt, loss, epoch, step)  # a non-finite step is skipped (and too many in a row fail)
             step += 1
-            meter.add(parts, step)
-        end_epoch(model, opt, epoch, step, meter.finish(epoch, step))
+            meter.add({**parts, "skipped_step": torch.tensor(0.0 if applied else 1.0)}, step)
+        end_epoch(model, opt, epoch, step, meter.finish(epoch, step), precision)
 
 
 def wise_interpolate(trained: nn.Module, initial: nn.Module, alpha: float) -> None:
@@ -163,7 +164,12 @@ def anchor_embeddings(encoder, cfg: PipelineConfig, products: pd.DataFrame, ray_
 def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, stage1_dir: Path, out_dir: Path,
                  ray_storage: Path, ray_name: str, mlflow_run: dict) -> dict:
     """Embed the anchor products with the frozen stage-1 encoder, train the query encoder, write ``out_dir/query_encoder``."""
+    from dashclip_core.training.precision import autocast_dtype
     from dashclip_core.training.ray_launcher import fit, read_checkpoint
+
+    if autocast_dtype(cfg.train.amp, "cuda") is torch.float16 and cfg.train.stage2_grad_cache_chunk > 0:
+        raise ValueError("train.amp=fp16 needs loss scaling, which the GradCache path (train.stage2_grad_cache_chunk > 0) "
+                         "does not do; use train.amp=bf16 with GradCache, or set train.stage2_grad_cache_chunk: 0")
 
     product_index = {p: i for i, p in enumerate(products["product_id"])}
     allowed = set(trainable_products(products, cfg)["product_id"])
@@ -189,17 +195,19 @@ def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFra
     product_encoder = load_product_encoder(stage1_dir)
     model = Stage2Model(QueryEncoder.from_product_encoder(product_encoder, cfg.model.text.trainable_layers), cfg)
     final_metrics: dict = {}
+    precision = None
     if cfg.train.stage2_epochs > 0:
         result = fit(stage2_worker, loop, cfg, ray_name, ray_storage)
         model.load_state_dict(read_checkpoint(result)["model"])
         final_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        precision = result.metrics.get("precision", "fp32")
     if cfg.train.stage2_wise_alpha != 1.0:
         wise_interpolate(model.query_encoder, QueryEncoder.from_product_encoder(product_encoder, 0), cfg.train.stage2_wise_alpha)
     save_encoder(model.query_encoder, cfg.model, out_dir / QUERY_ENCODER_DIR)
     (out_dir / "anchor_product_emb.npy").unlink()  # only the workers needed it; backfill writes the real table
     info = {
         "n_examples": len(pos), "n_products": len(used), "n_hard_negative_products": len(hard),
-        "train_seconds": round(time.time() - t0, 1),
+        "train_seconds": round(time.time() - t0, 1), "precision": precision,
         **{f"final_{k}": v for k, v in final_metrics.items()}, **count_parameters(model.query_encoder),
     }
     (out_dir / "metrics.json").write_text(json.dumps(info, indent=2))
