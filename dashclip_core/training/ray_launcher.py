@@ -131,18 +131,25 @@ class EpochMeter:
     def __init__(self, mlflow_log: MetricsLogger, batch_size: int) -> None:
         self.mlflow_log, self.batch_size = mlflow_log, batch_size
         self.sums: dict[str, float] = {}
-        self.n_steps, self.t0 = 0, time.time()
+        self.n_steps, self.t0, self.t_first = 0, time.time(), None
 
     def add(self, parts: dict[str, torch.Tensor], step: int) -> None:
         values = {k: float(v) for k, v in parts.items() if torch.isfinite(v)}  # e.g. no negative in a batch -> NaN part
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.n_steps += 1
+        if self.n_steps == 1:
+            self.t_first = time.time()
         self.mlflow_log.log(values, step)
 
     def finish(self, epoch: int, step: int) -> dict:
         metrics = {k: v / max(self.n_steps, 1) for k, v in self.sums.items()}
-        metrics.update(epoch=epoch, step=step, samples_per_s=self.n_steps * self.batch_size / max(time.time() - self.t0, 1e-9))
+        now = time.time()
+        metrics.update(epoch=epoch, step=step, samples_per_s=self.n_steps * self.batch_size / max(now - self.t0, 1e-9))
+        if self.n_steps > 1:
+            # after the first step, which pays one-off costs (DDP's bucket rebuild, allocator warm-up, first gloo
+            # connections): what the rest of a long epoch runs at
+            metrics["steady_samples_per_s"] = (self.n_steps - 1) * self.batch_size / max(now - self.t_first, 1e-9)
         self.mlflow_log.log({f"epoch_{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch)
         return metrics
 
