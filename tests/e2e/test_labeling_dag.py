@@ -205,3 +205,51 @@ def test_dry_run_estimates_the_cost_and_sends_nothing(airflow_db, tmp_path, tiny
                                                    r"\d+ pairs, 0 cached.*candidates: \d[\d,]* pairs.*~\$\d+\.\d{4}; EXCEEDS the budget"):
         steps.label_pairs({}, params={"config_path": str(cfg_path)}, run_id=dr.run_id)
     assert llm_server.requests == []
+
+
+def test_batch_api_with_a_fine_tuned_teacher_in_the_dag_and_a_rerun_reuses_both(airflow_db, tmp_path, tiny_config, llm_server):
+    import pandas as pd
+
+    from dashclip_core.storage import read_json
+
+    fake = _fake()
+    # Given the DashCLIP recipe: fine-tune a base chat model on the human labels, then grade through the Batch API
+    cfg_path = _config(tmp_path, tiny_config, llm_model="gpt-4o-mini", llm_fine_tune=True, llm_mode="batch",
+                       llm_batch_poll_s=0.01, llm_batch_timeout_s=60.0, label_chunk_size=100_000)
+    dr, states = _run(cfg_path)
+    assert states == dict.fromkeys(LABEL_TASKS, "success"), states
+    paths = _paths(cfg_path, dr)
+    summary = read_json(paths.local("label_pairs") / "summary.json")
+    # Then one fine-tuning job was trained on the human labels, and its model graded everything
+    tuned = "ft:gpt-4o-mini:dashclip:abc"
+    assert summary["labeler_id"] == f"openai:{tuned}:relevance-v1"
+    (ft_upload,) = [r for r in llm_server.of("files_upload") if r.body["purpose"] == "fine-tune"]
+    (ft_create,) = llm_server.of("ft_create")
+    assert ft_create.body["model"] == "gpt-4o-mini" and ft_upload.body["file"][0].count(b"\n") > 10
+    # through the Batch API only: held-out scoring and the candidates, nothing online
+    assert llm_server.count("chat") == 0 and llm_server.count("batches_create") == 2
+    assert {b.via for b in llm_server.billed} == {"batch"}
+    labels = pd.read_parquet(paths.local("label_pairs") / "labels.parquet")
+    teacher = labels[labels["source"] == "teacher"]
+    assert summary["n_failed"] == 0 and len(teacher) == summary["n_teacher_labels"] > 100
+    products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet").set_index("product_id")
+    for row in teacher.sample(30, random_state=1).itertuples():
+        p = products.loc[row.product_id]
+        text = ". ".join(v for v in (p.get("title"), p.get("description"), p.get("category"), p.get("aisle")) if isinstance(v, str) and v)
+        assert row.label == fake.overlap_grader(row.query, text), (row.query, row.product_id)
+    # The job and batch ids were written down as soon as they existed (a retried task resumes them)
+    from dashclip_core.config import PipelineConfig
+
+    labels_dir = PipelineConfig.from_file(cfg_path).cache_dir() / "labels"  # beside the label cache: outlives a run
+    (ft_record,) = [read_json(f) for f in (labels_dir / "fine_tunes").glob("fine-tune-*.json")]
+    assert ft_record["model"] == tuned and ft_record["job_id"]
+    assert len(list((labels_dir / "batches").glob("batch-*.json"))) == 2
+
+    # When the nightly runs again on the same human labels
+    n_billed, n_requests = len(llm_server.billed), len(llm_server.requests)
+    dr2, states2 = _run(cfg_path)
+    # Then it reuses the fine-tuned model (no new job) and the cache (no batch, nothing paid)
+    assert states2 == dict.fromkeys(LABEL_TASKS, "success"), states2
+    summary2 = read_json(_paths(cfg_path, dr2).local("label_pairs") / "summary.json")
+    assert summary2["labeler_id"] == summary["labeler_id"] and summary2["cache_hit_rate"] == 1.0
+    assert len(llm_server.billed) == n_billed and len(llm_server.requests) == n_requests
