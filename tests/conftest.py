@@ -39,6 +39,25 @@ os.environ.update({
 (_HOME / "mlflow").mkdir(parents=True, exist_ok=True)
 
 
+def _register_openai_test_server() -> None:
+    """Make tests/labeling/openai_server.py importable as ``dashclip_tests_openai_server``.
+
+    Test modules are imported in importlib mode (no packages), so they cannot import a sibling helper by a
+    relative name; this conftest is imported before any of them.
+    """
+    import importlib.util
+
+    name = "dashclip_tests_openai_server"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "labeling" / "openai_server.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
+_register_openai_test_server()
+
+
 @pytest.fixture(scope="session")
 def dashclip_home() -> Path:
     return _HOME

@@ -6,15 +6,13 @@ request, so every retry, wait and failure below is deterministic.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import logging
 import math
-import sys
 import time
-from pathlib import Path
 
+import dashclip_tests_openai_server as fake  # tests/labeling/openai_server.py, registered by tests/conftest.py
 import pandas as pd
 import pytest
 
@@ -36,19 +34,6 @@ from dashclip_core.labeling.prompt import (
     response_format,
 )
 
-
-def _load_fake_server():
-    # Tests are imported in importlib mode (no packages), so the sibling helper is loaded by path.
-    name = "dashclip_tests_openai_server"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("openai_server.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fake = _load_fake_server()
 Fault = fake.Fault
 KEY = "sk-test-Zq81secret"
 

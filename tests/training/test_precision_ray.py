@@ -9,25 +9,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def stage2_inputs(tmp_path_factory, tiny_config):
-    import pandas as pd
-
-    from dashclip_core.catalog.demo import generate_demo_catalog
-    from dashclip_core.catalog.snapshot import extract_snapshot
+def stage2_inputs(tmp_path_factory, tiny_config, stage2_data):
     from dashclip_core.config import PipelineConfig
-    from dashclip_core.labeling.pairs import combine_labels
     from dashclip_core.training.stage1 import build_stage1
 
-    tmp = tmp_path_factory.mktemp("amp")
     cfg = PipelineConfig.from_file(tiny_config).with_overrides(**{"train.stage2_grad_cache_chunk": 0, "train.num_workers": 1})
-    db = generate_demo_catalog(tmp / "cat", num_products=48, seed=1)
-    snap = tmp / "snap"
-    snap.mkdir()
-    extract_snapshot(cfg, f"sqlite:///{db}", snap)
-    products = pd.read_parquet(snap / "products.parquet")
-    human = pd.read_parquet(snap / "human_labels.parquet")
-    labels = combine_labels(human, human.iloc[:0][["query", "product_id", "label"]])
-    return cfg, products, labels, build_stage1(cfg).encoder, tmp
+    products, labels = stage2_data
+    return cfg, products, labels, build_stage1(cfg).encoder, tmp_path_factory.mktemp("amp")
 
 
 def _train(cfg, products, labels, encoder, tmp, name):

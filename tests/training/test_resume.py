@@ -7,26 +7,15 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_stage2_resumes_from_latest_checkpoint(tmp_path, tiny_config):
-    import pandas as pd
-
-    from dashclip_core.catalog.demo import generate_demo_catalog
-    from dashclip_core.catalog.snapshot import extract_snapshot
+def test_stage2_resumes_from_latest_checkpoint(tmp_path, tiny_config, stage2_data):
     from dashclip_core.config import PipelineConfig
-    from dashclip_core.labeling.pairs import combine_labels
     from dashclip_core.models.encoders import save_encoder
     from dashclip_core.training.stage1 import build_stage1
     from dashclip_core.training.stage2 import train_stage2
 
     # Plain (non-GradCache) stage 2, one worker: the other tests run the cached path.
     cfg = PipelineConfig.from_file(tiny_config).with_overrides(**{"train.stage2_grad_cache_chunk": 0, "train.stage2_epochs": 1})
-    db = generate_demo_catalog(tmp_path / "cat", num_products=48, seed=1)
-    snap = tmp_path / "snap"
-    snap.mkdir()
-    extract_snapshot(cfg, f"sqlite:///{db}", snap)
-    products = pd.read_parquet(snap / "products.parquet")
-    human = pd.read_parquet(snap / "human_labels.parquet")
-    labels = combine_labels(human, human.iloc[:0][["query", "product_id", "label"]])
+    products, labels = stage2_data
     stage1 = save_encoder(build_stage1(cfg).encoder, cfg.model, tmp_path / "stage1")
     mlflow_run = {"tracking_uri": cfg.tracking_uri(), "run_id": ""}
     storage = tmp_path / "ray"
