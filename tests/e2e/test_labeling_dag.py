@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import dashclip_tests_openai_server as fake_server  # tests/labeling/openai_server.py, registered by tests/conftest.py
+import dashclip_tests_openai_server as fake  # tests/labeling/openai_server.py, registered by tests/conftest.py
 import pytest
 import yaml
 
@@ -24,7 +24,6 @@ LABEL_TASKS = ["extract_catalog", "validate_catalog", "label_pairs", "validate_l
 
 @pytest.fixture()
 def llm_server(monkeypatch):
-    fake = fake_server
     with fake.FakeOpenAIServer(api_key=KEY) as srv:
         monkeypatch.setenv("AIRFLOW_CONN_DASHCLIP_LLM", json.dumps({"conn_type": "http", "host": srv.base_url, "password": KEY}))
         monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -62,7 +61,6 @@ def test_http_labeler_survives_faults_and_a_rerun_pays_nothing(airflow_db, tmp_p
 
     from dashclip_core.storage import read_json
 
-    fake = fake_server
     Fault = fake.Fault
     # Given a flaky API: 15% of chat calls hit a fault (the client's timeout is 1 s; the slow answer takes 1.5 s)
     llm_server.fault_rate(0.15, seed=5, faults=[Fault.http(429, retry_after="0.05"), Fault.http(500), Fault.http(503),
@@ -114,7 +112,7 @@ def test_budget_exhaustion_stops_the_step_and_keeps_what_was_labelled(airflow_db
     from dashclip_core.labeling.cache import LabelCache
     from dashclip_core.labeling.store import LabelStore
 
-    fake_pair = fake_server._pair_of
+    fake_pair = fake._pair_of
     # Given a token budget that covers the held-out scoring and a few chunks of candidates, not all of them
     cfg_path = _config(tmp_path, tiny_config, max_tokens=150_000, price_per_1k_input=0.00015, price_per_1k_output=0.0006)
     dr, states = _run(cfg_path)
@@ -152,7 +150,6 @@ def test_a_bad_teacher_stops_the_dag_before_training_with_the_report(airflow_db,
     from dashclip_core.config import PipelineConfig
     from dashclip_core.storage import read_json
 
-    fake = fake_server
     # Given an LLM that calls everything highly relevant
     with fake.FakeOpenAIServer(api_key=KEY, grader=lambda query, text: 2) as srv:
         monkeypatch.setenv("AIRFLOW_CONN_DASHCLIP_LLM", json.dumps({"conn_type": "http", "host": srv.base_url, "password": KEY}))
@@ -201,7 +198,6 @@ def test_batch_api_with_a_fine_tuned_teacher_in_the_dag_and_a_rerun_reuses_both(
 
     from dashclip_core.storage import read_json
 
-    fake = fake_server
     # Given the DashCLIP recipe: fine-tune a base chat model on the human labels, then grade through the Batch API
     cfg_path = _config(tmp_path, tiny_config, llm_model="gpt-4o-mini", llm_fine_tune=True, llm_mode="batch",
                        llm_batch_poll_s=0.01, llm_batch_timeout_s=60.0, label_chunk_size=100_000)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-import dashclip_tests_openai_server as fake_server  # tests/labeling/openai_server.py, registered by tests/conftest.py
+import dashclip_tests_openai_server as fake  # tests/labeling/openai_server.py, registered by tests/conftest.py
 import pandas as pd
 import pytest
 
@@ -86,7 +86,6 @@ def test_cached_labeler_pays_each_pair_once_and_never_caches_failures(tmp_path):
 def test_batch_labeler_resumes_the_batch_it_already_submitted(tmp_path):
     from dashclip_core.labeling.openai_backend import OpenAICompatibleLabeler
 
-    fake = fake_server
     requests = list(requests_for(pd.DataFrame({"query": ["oat milk", "apples"], "product_id": ["p1", "p2"]}), PRODUCTS))
     with fake.FakeOpenAIServer(api_key="sk-b", batch_polls=1) as srv:
         client = OpenAICompatibleLabeler(srv.base_url, "gpt-test", "sk-b", backoff_base=0.0)
@@ -106,7 +105,6 @@ def test_batch_labeler_resumes_the_batch_it_already_submitted(tmp_path):
 
 
 def test_fine_tune_runs_once_per_training_set_and_its_model_grades(tmp_path):
-    fake = fake_server
     human = pd.DataFrame({"query": ["oat milk", "apples", "soap"], "product_id": ["p1", "p2", "p3"], "label": [2, 2, 0]})
     cfg = LabelingConfig(labeler="openai", llm_model="gpt-base", llm_fine_tune=True, llm_batch_poll_s=0.01, llm_backoff_s=0.0)
     with fake.FakeOpenAIServer(api_key="sk-f", fine_tune_polls=1) as srv:
