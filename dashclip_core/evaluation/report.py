@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from dashclip_core.config import PipelineConfig
-from dashclip_core.evaluation.bm25 import BM25Index
+from dashclip_core.baselines.bm25 import BM25Index
 from dashclip_core.evaluation.metrics import category_accuracy, evaluate_rankings
 from dashclip_core.evaluation.rerank import DEFAULT_RERANK_K
 from dashclip_core.evaluation.text_to_image import text_to_image_metrics
@@ -111,7 +111,7 @@ def linear_probe(product_encoder, cfg: PipelineConfig, products: pd.DataFrame, p
     photos (never the held-out ones), scored top-1 on the held-out photos (fine and coarse).
     ``pooled``: the backbone features, when already computed. ``fine_scores``: when given, receives
     ``classes`` and ``log_probs`` (photos x fine classes), for text -> image ranking by the probe."""
-    from dashclip_core.labeling.teacher import SoftmaxTeacher
+    from dashclip_core.baselines.softmax_regression import SoftmaxRegression
 
     train = products[products["image_uri"].notna() & ~products["product_id"].isin(set(photos["product_id"]))]
     if photos.empty or train.empty:
@@ -127,7 +127,7 @@ def linear_probe(product_encoder, cfg: PipelineConfig, products: pd.DataFrame, p
         classes = sorted(set(products[col].astype(str)))
         index = {c: i for i, c in enumerate(classes)}
         y = train[col].astype(str).map(index).to_numpy()
-        probe = SoftmaxTeacher(x_train.shape[1], l2=1e-3, seed=cfg.train.seed, n_classes=len(classes)).fit(x_train.astype(np.float32), y, steps=300)
+        probe = SoftmaxRegression(x_train.shape[1], l2=1e-3, seed=cfg.train.seed, n_classes=len(classes)).fit(x_train.astype(np.float32), y, steps=300)
         pred = probe.predict(x_test.astype(np.float32))
         out[f"probe_{name}_top1"] = float((pred == photos[col].astype(str).map(index).to_numpy()).mean())
         if name == "fine" and fine_scores is not None:

@@ -8,7 +8,7 @@ all-MiniLM-L6-v2 weights read the query and the product's text *together* as a s
 
 so every attention layer compares query words with product words (a cross-encoder, Nogueira & Cho 2019,
 arXiv 1901.04085, Sec. 3; the re-ranker of sentence-transformers' ``CrossEncoder``), unlike
-:class:`~dashclip_core.labeling.teacher.SoftmaxTeacher`, which only sees two separately frozen embeddings.
+:class:`~dashclip_core.labeling.labelers.SoftmaxLabeler`, which only sees two separately frozen embeddings.
 The whole encoder (or its top N layers) and the head are trained with class-balanced cross-entropy.
 
 ``labeler_id`` names the base model *and* this fine-tune: ``cross-encoder:minilm-l6:ce1-<hash>``, where the
@@ -201,7 +201,7 @@ class CrossEncoderTeacher:
         """Fine-tune the base weights (loaded afresh) on human labels. Deterministic given ``seed`` (on one device).
 
         Steps: (1) canonical pairs (row order does not matter) and the fine-tune's id; (2) seeded subsample to
-        ``max_train_examples``; (3) class-balanced cross-entropy (weight_c = N / (3 * N_c), as SoftmaxTeacher) with
+        ``max_train_examples``; (3) class-balanced cross-entropy (weight_c = N / (3 * N_c), as SoftmaxRegression) with
         AdamW and a linear warm-up/decay schedule, shuffled mini-batches.
 
         Args:

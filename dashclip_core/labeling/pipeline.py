@@ -77,25 +77,25 @@ def split_human_labels(human: pd.DataFrame, holdout_fraction: float, seed: int,
 
 
 class SoftmaxLabeler:
-    """:class:`~dashclip_core.labeling.teacher.SoftmaxTeacher` on MiniLM pair features, as a Labeler.
+    """:class:`~dashclip_core.baselines.softmax_regression.SoftmaxRegression` on MiniLM pair features, as a Labeler.
 
     ``labeler_id`` hashes the fit labels and hyperparameters: a teacher refitted on other labels gets
     another id, so the cache never serves the old teacher's grades for it.
     """
 
     def __init__(self, cfg: LabelingConfig, fit: pd.DataFrame, seed: int) -> None:
+        from dashclip_core.baselines.softmax_regression import SoftmaxRegression
         from dashclip_core.labeling.teacher import (
             LABELER_VERSION,
             PairFeatures,
             SentenceEncoder,
-            SoftmaxTeacher,
             teacher_text,
         )
 
         self._text = teacher_text
         self.features = PairFeatures(SentenceEncoder(cfg.teacher_encoder, cfg.teacher_batch_size))
         x = self.features(fit["query"].tolist(), [teacher_text(r) for r in fit.to_dict("records")])
-        self.model = SoftmaxTeacher(x.shape[1], cfg.teacher_l2, seed).fit(x, fit["label"].to_numpy(), cfg.teacher_epochs)
+        self.model = SoftmaxRegression(x.shape[1], cfg.teacher_l2, seed).fit(x, fit["label"].to_numpy(), cfg.teacher_epochs)
         digest = hashlib.sha256(json.dumps({
             "pairs": sorted(zip(fit["query"].astype(str), fit["product_id"].astype(str), fit["label"].astype(int).tolist())),
             "encoder": cfg.teacher_encoder, "l2": cfg.teacher_l2, "epochs": cfg.teacher_epochs, "seed": seed,

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from dashclip_core.baselines.softmax_regression import SoftmaxRegression
 from dashclip_core.config import LabelingConfig
 
 logger = logging.getLogger(__name__)
@@ -84,33 +85,6 @@ class PairFeatures:
         return np.concatenate([qe * te, np.abs(qe - te), cos, ov], axis=1).astype(np.float32)
 
 
-class SoftmaxTeacher:
-    """Multinomial logistic regression on pair features (full-batch Adam with L2); also the linear probe."""
-
-    def __init__(self, n_features: int, l2: float, seed: int, n_classes: int = 3) -> None:
-        torch.manual_seed(seed)
-        self.linear = torch.nn.Linear(n_features, n_classes)
-        self.n_classes = n_classes
-        self.l2 = l2
-
-    def fit(self, x: np.ndarray, y: np.ndarray, steps: int) -> SoftmaxTeacher:
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-        # Balanced class weights: label 2 and 0 dominate some catalogs, and a teacher that never says 1 is useless.
-        counts = torch.bincount(yt, minlength=self.n_classes).float().clamp(min=1)
-        weight = counts.sum() / (self.n_classes * counts)
-        opt = torch.optim.Adam(self.linear.parameters(), lr=0.05)
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = F.cross_entropy(self.linear(xt), yt, weight=weight) + self.l2 * self.linear.weight.pow(2).sum()
-            loss.backward()
-            opt.step()
-        return self
-
-    @torch.no_grad()
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.linear(torch.from_numpy(x)).argmax(1).numpy().astype(np.int8)
-
-
 def cohen_kappa(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int = 3) -> float:
     """Cohen's kappa = (p_o - p_e) / (1 - p_e) (Cohen 1960)."""
     cm = confusion(y_true, y_pred, n_classes).astype(np.float64)
@@ -153,7 +127,7 @@ def train_and_label(products: pd.DataFrame, human: pd.DataFrame, candidates: pd.
     held = holdout_mask(train["query"], cfg.teacher_holdout_fraction, seed)
     if held.all() or not held.any():
         raise ValueError(f"teacher holdout of {cfg.teacher_holdout_fraction:.0%} of {train['query'].nunique()} queries leaves no train or no holdout queries")
-    scored = SoftmaxTeacher(x.shape[1], cfg.teacher_l2, seed).fit(x[~held], y[~held], cfg.teacher_epochs)
+    scored = SoftmaxRegression(x.shape[1], cfg.teacher_l2, seed).fit(x[~held], y[~held], cfg.teacher_epochs)
     pred = scored.predict(x[held])
     report = {
         "labeler": LABELER_VERSION,
@@ -164,7 +138,7 @@ def train_and_label(products: pd.DataFrame, human: pd.DataFrame, candidates: pd.
         "confusion": confusion(y[held], pred).tolist(),
     }
     # The labelling teacher is refit on every human train label (the holdout measured the recipe).
-    teacher = SoftmaxTeacher(x.shape[1], cfg.teacher_l2, seed).fit(x, y, cfg.teacher_epochs)
+    teacher = SoftmaxRegression(x.shape[1], cfg.teacher_l2, seed).fit(x, y, cfg.teacher_epochs)
     if len(candidates):
         cx = feats(candidates["query"].tolist(), [text_by_id[p] for p in candidates["product_id"]])
         labelled = candidates[["query", "product_id"]].assign(label=teacher.predict(cx))

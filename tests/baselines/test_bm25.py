@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dashclip_core.evaluation.bm25 import BM25Index, tokenize
+from dashclip_core.baselines.bm25 import BM25Index, tokenize
 
 
 def test_tokenize() -> None:
