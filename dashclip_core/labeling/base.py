@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 LABELS = (0, 1, 2)
+# The product fields a labeller sees (a prompt, a teacher's input text), in the order they are shown.
+PRODUCT_FIELDS = ("title", "description", "category", "aisle")
 
 
 @dataclass(frozen=True)
