@@ -7,8 +7,9 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 
+from dashclip_core.config import DEFAULT_CONFIG
+from dashclip_core.layout import DAG_ID
 from tasks import steps
-from tasks.common import DAG_ID, DEFAULT_CONFIG
 
 # Gates and training fail fast on bad data (AirflowFailException skips retries); I/O hiccups retry.
 DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(minutes=2)}
@@ -44,17 +45,18 @@ def dashclip_nightly():
     stage 2 (QCC, Ray) ‖ embedding backfill (Ray Data) → **embedding gate** → FAISS index → evaluate →
     register in MLflow (`challenger`, `champion` when it wins).
     """
+    # Each step gets the summaries (XComs) of the outputs it reads: their `uri` is the handle to the folder.
     catalog = task(steps.extract_catalog)()
-    catalog_ok = task(steps.validate_catalog)(catalog)
-    labels = task(steps.label_pairs)(catalog_ok)
+    clean = task(steps.validate_catalog)(catalog)
+    labels = task(steps.label_pairs)(catalog, clean)
     labels_ok = task(steps.validate_labels)(labels)
-    stage1 = task(steps.train_stage1)(labels_ok)
-    stage2 = task(steps.train_stage2)(stage1)
-    embeddings = task(steps.backfill_embeddings)(stage1)
-    embeddings_ok = task(steps.validate_embeddings)(embeddings)
-    index = task(steps.build_index)(embeddings_ok, stage2)
-    evaluation = task(steps.evaluate)(index)
-    task(steps.register_model)(evaluation)
+    stage1 = task(steps.train_stage1)(clean, labels_ok)
+    stage2 = task(steps.train_stage2)(clean, labels, stage1)
+    embeddings = task(steps.backfill_embeddings)(clean, stage1)
+    embeddings_ok = task(steps.validate_embeddings)(clean, embeddings)
+    index = task(steps.build_index)(embeddings, embeddings_ok, labels, stage2)
+    evaluation = task(steps.evaluate)(clean, labels, embeddings, stage1, stage2, index)
+    task(steps.register_model)(catalog, clean, labels, stage1, stage2, index, evaluation)
 
 
 dashclip_nightly()

@@ -19,6 +19,15 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = "configs/demo.yaml"  # the embedded demo: what `make run`, the DAG's params form and the CLI default to
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested mapping -> one level with dotted keys ({"train": {"lr": 1}} -> {"train.lr": 1})."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def dashclip_home() -> Path:

@@ -8,8 +8,8 @@ each step publishes one folder ``<step>/`` there, holding its files and ``summar
     validate_catalog/     clean.parquet  quarantine.parquet  report.json
     label_pairs/          labels.parquet  teacher_report.json  teacher_quality.json (+ .png)  labeling_summary.json
     validate_labels/      report.json
-    train_stage1/         product_encoder/  metrics.json
-    train_stage2/         query_encoder/  metrics.json  hard_negatives.json  anchor_product_emb.npy
+    train_stage1/         product_encoder/  stage1_pairs.parquet  metrics.json
+    train_stage2/         query_encoder/  stage2_examples.parquet  hard_negatives.json  metrics.json
     backfill_embeddings/  embeddings.parquet
     validate_embeddings/  report.json
     build_index/          index.faiss  ids.parquet  meta.json
@@ -150,6 +150,10 @@ class Stage1(StepFolder):
         return self.dir / PRODUCT_ENCODER
 
     @property
+    def pairs(self) -> Path:
+        return self.dir / "stage1_pairs.parquet"
+
+    @property
     def metrics(self) -> Path:
         return self.dir / "metrics.json"
 
@@ -165,6 +169,10 @@ class Stage2(StepFolder):
     @property
     def metrics(self) -> Path:
         return self.dir / "metrics.json"
+
+    @property
+    def examples(self) -> Path:
+        return self.dir / "stage2_examples.parquet"
 
     @property
     def hard_negatives(self) -> Path:
@@ -186,7 +194,19 @@ class Embeddings(StepFolder):
 
 @dataclass(frozen=True)
 class Index(StepFolder):
-    """``build_index``: the FAISS index folder (``index/faiss_index.py`` names the files inside)."""
+    """``build_index``: a FAISS index with its product-id map (``index/faiss_index.py`` reads and writes it)."""
+
+    @property
+    def index(self) -> Path:
+        return self.dir / "index.faiss"
+
+    @property
+    def ids(self) -> Path:
+        return self.dir / "ids.parquet"
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / "meta.json"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""Shared plumbing of the task functions: config from DAG params, run paths, idempotent steps, gate failures.
+"""Shared plumbing of the task functions: config from DAG params, run paths, idempotent steps, step inputs,
+gate failures.
 
-Standard library + ``dashclip_core.config`` / ``dashclip_core.storage`` only (DAG files import this).
+Standard library + ``dashclip_core.config`` / ``layout`` / ``storage`` only (DAG files import this).
 """
 
 from __future__ import annotations
@@ -9,16 +10,18 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from dashclip_core.config import PipelineConfig
-from dashclip_core.storage import RunPaths, read_json, write_json
+from dashclip_core.config import DEFAULT_CONFIG, PipelineConfig
+from dashclip_core.layout import DAG_ID, SUMMARY, Step, StepFolder
+from dashclip_core.storage import SUCCESS, RunPaths, exists, localize, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
-DAG_ID = "dashclip_nightly"
-DEFAULT_CONFIG = "configs/demo.yaml"
-SUMMARY = "summary.json"
+__all__ = ["DAG_ID", "DEFAULT_CONFIG", "PARAM_OVERRIDES", "fail", "mlflow_run", "ray_storage", "resolve_config", "run_paths",
+           "run_step", "step_input"]
+
+View = TypeVar("View", bound=StepFolder)
 
 # DAG param -> config fields it overrides (None / missing = keep the config's value).
 PARAM_OVERRIDES: dict[str, tuple[str, ...]] = {
@@ -52,12 +55,13 @@ def run_paths(cfg: PipelineConfig, run_id: str | None) -> RunPaths:
     return RunPaths(cfg.storage_root(), DAG_ID, run_id, s3_endpoint_url=cfg.storage.s3_endpoint_url, cache_dir=cfg.cache_dir())
 
 
-def run_step(paths: RunPaths, step: str, body: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+def run_step(paths: RunPaths, step: Step, body: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
     """Run ``body(staging_dir)`` once per run: publish its folder atomically with ``summary.json``.
 
     A step already published for this run is not run again: its summary is returned, so Airflow
     retries and re-runs neither redo work nor produce a second copy.
     """
+    step = Step(step)
     if paths.is_done(step):
         logger.info("%s already done for run %s; reusing %s", step, paths.run_id, paths.uri(step))
     else:
@@ -67,6 +71,24 @@ def run_step(paths: RunPaths, step: str, body: Callable[[Path], dict[str, Any]])
             summary["seconds"] = round(time.time() - t0, 2)
             write_json(out / SUMMARY, summary)
     return {"uri": paths.uri(step), **read_json(paths.local(step) / SUMMARY)}
+
+
+def step_input(cfg: PipelineConfig, upstream: dict[str, Any], view: type[View]) -> View:
+    """The published output an upstream step's summary (its XCom value) points to, as the typed view of its folder.
+
+    The summary's ``uri`` is the handle: a task never guesses a sibling folder by name, so a step can be
+    re-pointed (another run's snapshot, an S3 copy) by what its upstream returned.
+
+    Raises:
+        ValueError: ``upstream`` is not a step summary (no ``uri``).
+        FileNotFoundError: the output at ``uri`` was never published (no ``_SUCCESS`` marker).
+    """
+    uri = (upstream or {}).get("uri") if isinstance(upstream, dict) else None
+    if not uri:
+        raise ValueError(f"expected an upstream step summary with a 'uri' (the XCom of a dashclip step), got {upstream!r}")
+    if not exists(f"{uri}/{SUCCESS}", cfg.storage.s3_endpoint_url):
+        raise FileNotFoundError(f"{uri} has no {SUCCESS} marker: the upstream step did not publish it")
+    return view(localize(uri, cfg.storage.s3_endpoint_url, cfg.cache_dir()))
 
 
 def fail(message: str) -> None:

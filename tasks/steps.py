@@ -1,7 +1,9 @@
 """One thin function per DAG step: read inputs by URI, call dashclip_core, write outputs, return small metadata.
 
-Each function takes the upstream steps' metadata dicts (for ordering and URIs) and Airflow's
-``params`` and ``run_id`` (injected by name from the task context; pass them yourself outside Airflow).
+Each function takes the summaries of the upstream steps it reads (their XCom values: the ``uri`` in each
+is the handle to that step's published folder, opened with :func:`~tasks.common.step_input` as the typed
+view of :mod:`dashclip_core.layout`) and Airflow's ``params`` and ``run_id`` (injected by name from the task
+context; pass them yourself outside Airflow). A gate's summary is taken only to run after it.
 Heavy libraries are imported inside the functions, never at module level.
 """
 
@@ -9,7 +11,10 @@ from __future__ import annotations
 
 import logging
 
-from tasks.common import DAG_ID, fail, mlflow_run, ray_storage, resolve_config, run_paths, run_step
+from dashclip_core import layout
+from dashclip_core.config import DEFAULT_CONFIG
+from dashclip_core.layout import Step
+from tasks.common import DAG_ID, fail, mlflow_run, ray_storage, resolve_config, run_paths, run_step, step_input
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ def extract_catalog(params: dict | None = None, run_id: str | None = None) -> di
 
         return extract_snapshot(cfg, _catalog_url(cfg), out)
 
-    return run_step(paths, "extract_catalog", body)
+    return run_step(paths, Step.EXTRACT_CATALOG, body)
 
 
 def validate_catalog(catalog: dict, params: dict | None = None, run_id: str | None = None) -> dict:
@@ -70,19 +75,20 @@ def validate_catalog(catalog: dict, params: dict | None = None, run_id: str | No
         from dashclip_core.validation.catalog_gate import validate_catalog as gate
         from dashclip_core.validation.catalog_gate import write_gate_outputs
 
-        result = gate(pd.read_parquet(paths.local("extract_catalog") / "products.parquet"), cfg.validation)
+        result = gate(pd.read_parquet(step_input(cfg, catalog, layout.Snapshot).products), cfg.validation)
         write_gate_outputs(result, out)
         return {"passed": result.passed, "n_clean": len(result.clean), "n_quarantined": len(result.quarantine),
                 "failing": [f"{f.get('check')}:{f.get('column')}" for f in result.summary.get("failing_expectations", [])]}
 
-    summary = run_step(paths, "validate_catalog", body)
+    summary = run_step(paths, Step.VALIDATE_CATALOG, body)
     if not summary["passed"]:
+        folder = layout.CatalogGate(".")  # file names only: the uri may be s3://
         fail(f"catalog gate failed: {summary['n_quarantined']} bad product rows ({', '.join(summary['failing'])}); "
-             f"see {summary['uri']}/quarantine.parquet and report.json")
+             f"see {summary['uri']}/{folder.quarantine.name} and {folder.report.name}")
     return summary
 
 
-def label_pairs(catalog_gate: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+def label_pairs(catalog: dict, catalog_gate: dict, params: dict | None = None, run_id: str | None = None) -> dict:
     """Candidate pairs (search log + BM25 + random) graded 0/1/2 by the configured labeler.
 
     The labeler is scored on held-out human labels first (the teacher quality gate): below
@@ -117,9 +123,9 @@ def label_pairs(catalog_gate: dict, params: dict | None = None, run_id: str | No
         from dashclip_core.registry.mlflow_registry import log_artifact_dir, log_metrics
         from dashclip_core.storage import write_json
 
-        products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
-        snap = paths.local("extract_catalog")
-        log, human = pd.read_parquet(snap / "search_log.parquet"), pd.read_parquet(snap / "human_labels.parquet")
+        products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
+        snap = step_input(cfg, catalog, layout.Snapshot)
+        log, human = pd.read_parquet(snap.search_log), pd.read_parquet(snap.human_labels)
         human = human[human["product_id"].isin(set(products["product_id"]))]
         cands = candidate_pairs(products, log, human, lc, seed=cfg.catalog.seed)
         labels_dir = cfg.cache_dir() / "labels"
@@ -167,12 +173,13 @@ def label_pairs(catalog_gate: dict, params: dict | None = None, run_id: str | No
                  "reasons. They are not cached: a re-run retries only them")
 
         labels = combine_labels(human, teacher)
-        labels.to_parquet(out / "labels.parquet", index=False)
+        outputs = layout.Labels(out)
+        labels.to_parquet(outputs.labels, index=False)
         report = {"labeler": labeler.labeler_id, **{k: quality[k] for k in ("accuracy", "kappa", "macro_f1", "n")},
                   "n_holdout": len(held_out), "n_train": len(fit), "confusion": quality["confusion"],
                   "label_counts": {str(k): int(v) for k, v in teacher["label"].value_counts().sort_index().items()}}
-        write_json(out / "teacher_report.json", report)
-        write_json(out / "labeling_summary.json", summary.as_dict())
+        write_json(outputs.teacher_report, report)
+        write_json(outputs.labeling_summary, summary.as_dict())
         log_metrics(cfg, run["run_id"], {"labels/n": len(labels), "labels/cache_hit_rate": summary.cache_hit_rate,
                                          "labels/tokens": summary.tokens, "labels/cost_usd": summary.cost_usd,
                                          "labels/failed": n_failed})
@@ -184,12 +191,12 @@ def label_pairs(catalog_gate: dict, params: dict | None = None, run_id: str | No
     from dashclip_core.labeling.openai_backend import AuthenticationError
 
     try:
-        summary = run_step(paths, "label_pairs", body)
+        summary = run_step(paths, Step.LABEL_PAIRS, body)
     except AuthenticationError as exc:  # every pair would fail the same way: stop without retries
         fail(f"label_pairs: the LLM API rejected the credentials ({exc}); fix the Airflow connection "
              f"{lc.llm_connection_id!r} or $OPENAI_API_KEY")
     if not summary.get("passed", True):
-        fail(f"{summary['message']}; the report is in {summary['uri']}/teacher_quality.json and in MLflow under labeling/")
+        fail(f"{summary['message']}; the report is in {summary['uri']}/{layout.Labels('.').teacher_quality.name} and in MLflow under labeling/")
     return summary
 
 
@@ -227,19 +234,22 @@ def validate_labels(labels: dict, params: dict | None = None, run_id: str | None
         from dashclip_core.validation.label_gate import validate_labels as gate
         from dashclip_core.validation.label_gate import write_label_gate_report
 
-        src = paths.local("label_pairs")
-        result = gate(pd.read_parquet(src / "labels.parquet"), read_json(src / "teacher_report.json"), cfg.labeling)
+        src = step_input(cfg, labels, layout.Labels)
+        result = gate(pd.read_parquet(src.labels), read_json(src.teacher_report), cfg.labeling)
         write_label_gate_report(result, out)
         return {"passed": result.passed, "failures": result.summary.get("failures", [])}
 
-    summary = run_step(paths, "validate_labels", body)
+    summary = run_step(paths, Step.VALIDATE_LABELS, body)
     if not summary["passed"]:
-        fail(f"label gate failed: {'; '.join(summary['failures'])}; see {summary['uri']}/report.json")
+        fail(f"label gate failed: {'; '.join(summary['failures'])}; see {summary['uri']}/{layout.GATE_REPORT}")
     return summary
 
 
-def train_stage1(labels_gate: dict, params: dict | None = None, run_id: str | None = None) -> dict:
-    """Ray TorchTrainer: BLIP-style product encoder with ITC + ITM; checkpoint every epoch."""
+def train_stage1(catalog_gate: dict, labels_gate: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    """Ray TorchTrainer: BLIP-style product encoder with ITC + ITM; checkpoint every epoch.
+
+    The summary's ``image_stem`` is the run's frozen-stem store (scratch beside Ray's checkpoints, not a
+    step output): stage 2, the backfill and evaluate reuse it when it matches their model."""
     cfg = resolve_config(params)
     paths = run_paths(cfg, run_id)
 
@@ -249,16 +259,17 @@ def train_stage1(labels_gate: dict, params: dict | None = None, run_id: str | No
         from dashclip_core.registry.mlflow_registry import log_metrics
         from dashclip_core.training.stage1 import train_stage1 as fit
 
-        products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
+        products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
         run = mlflow_run(cfg, paths.run_id)
-        info = fit(cfg, products, out, ray_storage(cfg, paths), "stage1", run)
+        storage = ray_storage(cfg, paths)
+        info = fit(cfg, products, out, storage, "stage1", run)
         log_metrics(cfg, run["run_id"], {f"stage1/{k}": v for k, v in info.items()})
-        return info
+        return {**info, "image_stem": str(storage / layout.IMAGE_STEM)}
 
-    return run_step(paths, "train_stage1", body)
+    return run_step(paths, Step.TRAIN_STAGE1, body)
 
 
-def train_stage2(stage1: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+def train_stage2(catalog_gate: dict, labels: dict, stage1: dict, params: dict | None = None, run_id: str | None = None) -> dict:
     """Ray TorchTrainer: query encoder into the frozen product space with the QCC loss."""
     cfg = resolve_config(params)
     paths = run_paths(cfg, run_id)
@@ -267,20 +278,20 @@ def train_stage2(stage1: dict, params: dict | None = None, run_id: str | None = 
         import pandas as pd
 
         from dashclip_core.registry.mlflow_registry import log_metrics
-        from dashclip_core.training.stage1 import PRODUCT_ENCODER_DIR
         from dashclip_core.training.stage2 import train_stage2 as fit
 
-        products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
-        labels = pd.read_parquet(paths.local("label_pairs") / "labels.parquet")
+        products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
+        graded = pd.read_parquet(step_input(cfg, labels, layout.Labels).labels)
         run = mlflow_run(cfg, paths.run_id)
-        info = fit(cfg, products, labels, paths.local("train_stage1") / PRODUCT_ENCODER_DIR, out, ray_storage(cfg, paths), "stage2", run)
+        product_encoder = step_input(cfg, stage1, layout.Stage1).product_encoder
+        info = fit(cfg, products, graded, product_encoder, out, ray_storage(cfg, paths), "stage2", run)
         log_metrics(cfg, run["run_id"], {f"stage2/{k}": v for k, v in info.items()})
         return info
 
-    return run_step(paths, "train_stage2", body)
+    return run_step(paths, Step.TRAIN_STAGE2, body)
 
 
-def backfill_embeddings(stage1: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+def backfill_embeddings(catalog_gate: dict, stage1: dict, params: dict | None = None, run_id: str | None = None) -> dict:
     """Ray Data: product embeddings for the whole validated snapshot -> embeddings.parquet."""
     cfg = resolve_config(params)
     paths = run_paths(cfg, run_id)
@@ -289,16 +300,16 @@ def backfill_embeddings(stage1: dict, params: dict | None = None, run_id: str | 
         import pandas as pd
 
         from dashclip_core.backfill.embed import backfill_embeddings as backfill
-        from dashclip_core.training.stage1 import IMAGE_STEM, PRODUCT_ENCODER_DIR
 
-        products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
-        stem = ray_storage(cfg, paths) / IMAGE_STEM  # the frozen image stem stage 1 computed (used when it matches the model)
-        return backfill(cfg, products, paths.local("train_stage1") / PRODUCT_ENCODER_DIR, out / "embeddings.parquet", stem_path=stem)
+        products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
+        stem = stage1.get("image_stem")  # the frozen image stem stage 1 computed (used when it matches the model)
+        return backfill(cfg, products, step_input(cfg, stage1, layout.Stage1).product_encoder, layout.Embeddings(out).embeddings,
+                        stem_path=stem)
 
-    return run_step(paths, "backfill_embeddings", body)
+    return run_step(paths, Step.BACKFILL_EMBEDDINGS, body)
 
 
-def validate_embeddings(embeddings: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+def validate_embeddings(catalog_gate: dict, embeddings: dict, params: dict | None = None, run_id: str | None = None) -> dict:
     """Gate: dimension, finite values, unit norm, one row per product."""
     cfg = resolve_config(params)
     paths = run_paths(cfg, run_id)
@@ -309,19 +320,20 @@ def validate_embeddings(embeddings: dict, params: dict | None = None, run_id: st
         from dashclip_core.validation.embedding_gate import validate_embeddings as gate
         from dashclip_core.validation.embedding_gate import write_embedding_gate_report
 
-        emb = pd.read_parquet(paths.local("backfill_embeddings") / "embeddings.parquet")
-        ids = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet", columns=["product_id"])["product_id"]
+        emb = pd.read_parquet(step_input(cfg, embeddings, layout.Embeddings).embeddings)
+        ids = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean, columns=["product_id"])["product_id"]
         result = gate(emb, ids, cfg.model.embed_dim)
         write_embedding_gate_report(result, out)
         return {"passed": result.passed, "failing": [f"{f.get('check')}:{f.get('column')}" for f in result.summary.get("failing_expectations", [])]}
 
-    summary = run_step(paths, "validate_embeddings", body)
+    summary = run_step(paths, Step.VALIDATE_EMBEDDINGS, body)
     if not summary["passed"]:
-        fail(f"embedding gate failed: {', '.join(summary['failing'])}; see {summary['uri']}/report.json")
+        fail(f"embedding gate failed: {', '.join(summary['failing'])}; see {summary['uri']}/{layout.GATE_REPORT}")
     return summary
 
 
-def build_index(embeddings_gate: dict, stage2: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+def build_index(embeddings: dict, embeddings_gate: dict, labels: dict, stage2: dict, params: dict | None = None,
+                run_id: str | None = None) -> dict:
     """FAISS index (factory string from config) + id map; recall@10 against exact search on real queries."""
     cfg = resolve_config(params)
     paths = run_paths(cfg, run_id)
@@ -333,21 +345,21 @@ def build_index(embeddings_gate: dict, stage2: dict, params: dict | None = None,
         from dashclip_core.evaluation.report import trained_query_embeddings
         from dashclip_core.index.faiss_index import build_index as build
         from dashclip_core.index.faiss_index import recall_at_k_vs_exact
-        from dashclip_core.training.stage2 import QUERY_ENCODER_DIR
 
-        ids, matrix = read_embeddings(paths.local("backfill_embeddings") / "embeddings.parquet")
+        ids, matrix = read_embeddings(step_input(cfg, embeddings, layout.Embeddings).embeddings)
         index = build(matrix, ids, cfg.index)
         index.save(out)
-        labels = pd.read_parquet(paths.local("label_pairs") / "labels.parquet", columns=["query"])
-        queries = sorted(labels["query"].unique())[: cfg.index.recall_queries]
-        q = trained_query_embeddings(paths.local("train_stage2") / QUERY_ENCODER_DIR, cfg, queries)
+        graded = pd.read_parquet(step_input(cfg, labels, layout.Labels).labels, columns=["query"])
+        queries = sorted(graded["query"].unique())[: cfg.index.recall_queries]
+        q = trained_query_embeddings(step_input(cfg, stage2, layout.Stage2).query_encoder, cfg, queries)
         recall = recall_at_k_vs_exact(index, matrix, q, k=10)
         return {"factory": cfg.index.factory, "ntotal": index.ntotal, "dim": index.dim, "recall@10_vs_exact": recall, "n_recall_queries": len(queries)}
 
-    return run_step(paths, "build_index", body)
+    return run_step(paths, Step.BUILD_INDEX, body)
 
 
-def evaluate(index: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+def evaluate(catalog_gate: dict, labels: dict, embeddings: dict, stage1: dict, stage2: dict, index: dict,
+             params: dict | None = None, run_id: str | None = None) -> dict:
     """NDCG@10, Recall@10/50 on held-out queries, ANN-only and ITM re-ranked, vs BM25 and the untrained
     encoders; category and zero-shot accuracy. Writes report.json, the per-photo zero-shot predictions
     and plots/*.png; logs the metrics, the report (artifacts ``evaluation/``) and the plots (``plots/``)."""
@@ -363,31 +375,32 @@ def evaluate(index: dict, params: dict | None = None, run_id: str | None = None)
         from dashclip_core.models.image_stem import StemStore
         from dashclip_core.registry.mlflow_registry import client, log_artifact_dir, log_metrics
         from dashclip_core.storage import write_json
-        from dashclip_core.training.stage1 import IMAGE_STEM, PRODUCT_ENCODER_DIR
-        from dashclip_core.training.stage2 import QUERY_ENCODER_DIR
 
-        products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
-        labels = pd.read_parquet(paths.local("label_pairs") / "labels.parquet")
-        ids, matrix = read_embeddings(paths.local("backfill_embeddings") / "embeddings.parquet")
-        stem_store = StemStore.open(ray_storage(cfg, paths) / IMAGE_STEM, cfg.model)  # the frozen image stem stage 1 computed
-        result = run_evaluation(cfg, products, labels, ids, matrix, paths.local("train_stage2") / QUERY_ENCODER_DIR,
-                                paths.local("train_stage1") / PRODUCT_ENCODER_DIR, stem_store=stem_store)
+        products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
+        graded = pd.read_parquet(step_input(cfg, labels, layout.Labels).labels)
+        ids, matrix = read_embeddings(step_input(cfg, embeddings, layout.Embeddings).embeddings)
+        stem = stage1.get("image_stem")
+        stem_store = StemStore.open(stem, cfg.model) if stem else None  # the frozen image stem stage 1 computed
+        result = run_evaluation(cfg, products, graded, ids, matrix, step_input(cfg, stage2, layout.Stage2).query_encoder,
+                                step_input(cfg, stage1, layout.Stage1).product_encoder, stem_store=stem_store)
         report = result.report
-        write_json(out / "report.json", report)
-        result.zero_shot.to_parquet(out / "zero_shot_predictions.parquet", index=False)  # per photo: kept out of the report
+        outputs = layout.Evaluation(out)
+        write_json(outputs.report, report)
+        result.zero_shot.to_parquet(outputs.zero_shot_predictions, index=False)  # per photo: kept out of the report
         run = mlflow_run(cfg, paths.run_id)
-        plots = write_evaluation_plots(result, products, out / "plots", cfg.evaluation.min_relevant_label, mlflow_run=run)
+        plots = write_evaluation_plots(result, products, outputs.plots, cfg.evaluation.min_relevant_label, mlflow_run=run)
         log_metrics(cfg, run["run_id"], {f"eval/{s}/{k}": v for s, m in report["systems"].items() for k, v in m.items() if v is not None})
         mlflow = client(cfg)
-        for name in ("report.json", "zero_shot_predictions.parquet"):
-            mlflow.log_artifact(run["run_id"], str(out / name), "evaluation")
-        log_artifact_dir(cfg, run["run_id"], out / "plots", "plots")
+        for path in (outputs.report, outputs.zero_shot_predictions):
+            mlflow.log_artifact(run["run_id"], str(path), "evaluation")
+        log_artifact_dir(cfg, run["run_id"], outputs.plots, "plots")
         return {"systems": report["systems"], "n_eval_queries": report["n_eval_queries"], "plots": sorted(p.name for p in plots)}
 
-    return run_step(paths, "evaluate", body)
+    return run_step(paths, Step.EVALUATE, body)
 
 
-def register_model(evaluation: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+def register_model(catalog: dict, catalog_gate: dict, labels: dict, stage1: dict, stage2: dict, index: dict, evaluation: dict,
+                   params: dict | None = None, run_id: str | None = None) -> dict:
     """MLflow pyfunc with both encoders -> registry; alias `challenger`, `champion` if it wins on this eval set."""
     cfg = resolve_config(params)
     paths = run_paths(cfg, run_id)
@@ -398,25 +411,23 @@ def register_model(evaluation: dict, params: dict | None = None, run_id: str | N
         from dashclip_core.evaluation.report import eval_judgments, score_model_uri
         from dashclip_core.registry import mlflow_registry as reg
         from dashclip_core.storage import read_json
-        from dashclip_core.training.stage1 import PRODUCT_ENCODER_DIR
-        from dashclip_core.training.stage2 import QUERY_ENCODER_DIR
 
         run = mlflow_run(cfg, paths.run_id)
-        products = pd.read_parquet(paths.local("validate_catalog") / "clean.parquet")
-        labels = pd.read_parquet(paths.local("label_pairs") / "labels.parquet")
-        report = read_json(paths.local("evaluate") / "report.json")
+        products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
+        graded = pd.read_parquet(step_input(cfg, labels, layout.Labels).labels)
+        report = read_json(step_input(cfg, evaluation, layout.Evaluation).report)
         tags = {
-            "dag_id": DAG_ID, "catalog_snapshot": paths.uri("extract_catalog"), "index_uri": paths.uri("build_index"),
-            "report_uri": paths.uri("evaluate"), "config_fingerprint": cfg.fingerprint(), "config_name": cfg.name,
-            "config_path": (params or {}).get("config_path") or "configs/demo.yaml",
+            "dag_id": DAG_ID, "catalog_snapshot": catalog["uri"], "index_uri": index["uri"],
+            "report_uri": evaluation["uri"], "config_fingerprint": cfg.fingerprint(), "config_name": cfg.name,
+            "config_path": (params or {}).get("config_path") or DEFAULT_CONFIG,
         }
-        version, created = reg.register_model(cfg, run["run_id"], paths.run_id, paths.local("train_stage1") / PRODUCT_ENCODER_DIR,
-                                              paths.local("train_stage2") / QUERY_ENCODER_DIR, tags)
+        version, created = reg.register_model(cfg, run["run_id"], paths.run_id, step_input(cfg, stage1, layout.Stage1).product_encoder,
+                                              step_input(cfg, stage2, layout.Stage2).query_encoder, tags)
         metric = cfg.registry.promotion_metric
-        judgments = eval_judgments(labels)
+        judgments = eval_judgments(graded)
         decision = reg.promote(cfg, version, float(report["systems"]["dashclip"][metric]),
                                lambda uri: score_model_uri(uri, cfg, products, judgments, metric))
         return {"model_name": cfg.registry.model_name, "version": version, "created": created, "decision": decision,
                 "aliases": decision["aliases"], "mlflow_run_id": run["run_id"]}
 
-    return run_step(paths, "register_model", body)
+    return run_step(paths, Step.REGISTER_MODEL, body)

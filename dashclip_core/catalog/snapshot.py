@@ -93,16 +93,20 @@ def sample_products(products: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def extract_snapshot(cfg: PipelineConfig, db_url: str, out_dir: Path) -> dict:
-    """Write products.parquet, search_log.parquet, human_labels.parquet into ``out_dir``; return counts."""
+    """Write the snapshot's products, search log and human labels (:class:`~dashclip_core.layout.Snapshot`) into
+    ``out_dir``; return counts."""
+    from dashclip_core.layout import Snapshot
+
     products, log, labels = read_catalog(db_url)
     products = resolve_image_uris(products, _db_folder(db_url))
     products = sample_products(products, cfg.catalog.sample_size, cfg.catalog.seed)
     ids = set(products["product_id"])
     log = log[log["product_id"].isin(ids)]
     labels = labels[labels["product_id"].isin(ids)]
-    products.to_parquet(out_dir / "products.parquet", index=False)
-    log.to_parquet(out_dir / "search_log.parquet", index=False)
-    labels.to_parquet(out_dir / "human_labels.parquet", index=False)
+    snapshot = Snapshot(out_dir)
+    products.to_parquet(snapshot.products, index=False)
+    log.to_parquet(snapshot.search_log, index=False)
+    labels.to_parquet(snapshot.human_labels, index=False)
     return {
         "n_products": len(products),
         "n_with_image": int(products["image_uri"].notna().sum()),

@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 
 from dashclip_core.config import IndexConfig
+from dashclip_core.layout import Index as IndexFolder
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "meta.json"
 NORM_WARN_TOL = 1e-3  # vectors further than this from unit norm make inner product differ from cosine
 
 
@@ -123,13 +123,13 @@ class ProductIndex:
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(out / INDEX_FILE))
+        faiss.write_index(self.index, str(IndexFolder(out).index))
         pd.DataFrame(
             {
                 "position": np.arange(self.ntotal, dtype=np.int64),
                 "product_id": pd.Series(self.product_ids, dtype="string"),
             }
-        ).to_parquet(out / IDS_FILE, index=False)
+        ).to_parquet(IndexFolder(out).ids, index=False)
         meta = {
             "factory": self.factory,
             "dim": self.dim,
@@ -138,7 +138,7 @@ class ProductIndex:
             "nprobe": self.nprobe,
             "ef_search": self.ef_search,
         }
-        (out / META_FILE).write_text(json.dumps(meta, indent=2))
+        IndexFolder(out).meta.write_text(json.dumps(meta, indent=2))
         return out
 
     @classmethod
@@ -150,19 +150,20 @@ class ProductIndex:
             ValueError: the files disagree (dimension, count, or id positions).
         """
         folder = Path(in_dir)
-        for name in (INDEX_FILE, IDS_FILE, META_FILE):
-            if not (folder / name).exists():
+        files = IndexFolder(folder)
+        for path in (files.index, files.ids, files.meta):
+            if not path.exists():
                 raise FileNotFoundError(
-                    f"{folder / name} does not exist; expected a folder written by ProductIndex.save"
+                    f"{path} does not exist; expected a folder written by ProductIndex.save"
                 )
-        meta = json.loads((folder / META_FILE).read_text())
-        index = faiss.read_index(str(folder / INDEX_FILE))
-        ids = pd.read_parquet(folder / IDS_FILE)
+        meta = json.loads(files.meta.read_text())
+        index = faiss.read_index(str(files.index))
+        ids = pd.read_parquet(files.ids)
         if not (ids["position"].to_numpy() == np.arange(len(ids))).all():
-            raise ValueError(f"{folder / IDS_FILE}: column 'position' is not 0..{len(ids) - 1} in order")
+            raise ValueError(f"{files.ids}: column 'position' is not 0..{len(ids) - 1} in order")
         if index.ntotal != len(ids) or index.ntotal != meta["ntotal"]:
             raise ValueError(
-                f"{folder}: index holds {index.ntotal} vectors, {IDS_FILE} {len(ids)} ids, "
+                f"{folder}: index holds {index.ntotal} vectors, {files.ids.name} {len(ids)} ids, "
                 f"{META_FILE} says ntotal={meta['ntotal']}; the folder is inconsistent, rebuild the index"
             )
         if index.d != meta["dim"]:

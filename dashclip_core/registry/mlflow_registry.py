@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from dashclip_core.config import PipelineConfig
+from dashclip_core.config import PipelineConfig, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def pipeline_run(cfg: PipelineConfig, run_id: str, dag_id: str) -> str:
     if found:
         return found[0].info.run_id
     run = c.create_run(exp, run_name=f"{dag_id}/{run_id}", tags={RUN_TAG: run_id, "dag_id": dag_id, "pipeline": cfg.name})
-    flat = _flatten(cfg.to_dict())
+    flat = flatten(cfg.to_dict())
     from mlflow.entities import Param
 
     c.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in flat.items()])
@@ -196,13 +196,3 @@ def _pip_requirements() -> list[str]:
         except PackageNotFoundError:  # optional extras of the serving environment
             continue
     return pins
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

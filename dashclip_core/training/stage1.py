@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dashclip_core.config import PipelineConfig, per_worker_batch_size
+from dashclip_core.layout import IMAGE_STEM, Stage1
 from dashclip_core.losses import (
     FeatureQueue,
     ImageTextContrastiveLoss,
@@ -32,7 +33,6 @@ from dashclip_core.models.inputs import InputBuilder, product_text
 
 logger = logging.getLogger(__name__)
 
-PRODUCT_ENCODER_DIR = "product_encoder"
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -69,7 +69,6 @@ def shard_steps(n_rows: int, global_batch: int, world_size: int, rank: int, seed
     return [order[s * per_worker * world_size + rank * per_worker :][:per_worker] for s in range(steps)]
 
 
-IMAGE_STEM = "image_stem"  # file stem of the run's StemStore (models/image_stem.py), beside Ray's checkpoints
 
 
 def image_stem_store(cfg: PipelineConfig, products: pd.DataFrame, ray_storage: Path):
@@ -276,7 +275,8 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
             f"stage1 needs at least train.stage1_batch_size={cfg.train.stage1_batch_size} products with image and text, "
             f"the snapshot has {len(pairs)}"
         )
-    pairs_path = out_dir / "stage1_pairs.parquet"
+    outputs = Stage1(out_dir)
+    pairs_path = outputs.pairs
     t0 = time.time()
     if cfg.train.stage1_epochs > 0:
         # Scratch, not a step output: it lives beside Ray's checkpoints, so a retry (and the later steps) reuse it.
@@ -295,7 +295,7 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
         final_metrics, precision = {}, None
     model = build_stage1(cfg)
     model.load_state_dict(state["model"])
-    save_encoder(model.encoder, cfg.model, out_dir / PRODUCT_ENCODER_DIR)
+    save_encoder(model.encoder, cfg.model, outputs.product_encoder)
     info = {
         "n_pairs": len(pairs),
         "n_groups": int(pairs["group_id"].nunique()),
@@ -304,6 +304,6 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
         "precision": precision,
         **count_parameters(model.encoder),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(info, indent=2))
+    outputs.metrics.write_text(json.dumps(info, indent=2))
     return info
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dashclip_core.config import PipelineConfig
+from dashclip_core.layout import IMAGE_STEM, Stage2
 from dashclip_core.losses import QueryCatalogContrastiveLoss, cached_qcc_step
 from dashclip_core.models.encoders import QueryEncoder, count_parameters, load_product_encoder, save_encoder
 from dashclip_core.models.inputs import InputBuilder, embed_products
@@ -24,7 +25,6 @@ from dashclip_core.training.stage1 import parameter_groups, shard_steps, trainab
 
 logger = logging.getLogger(__name__)
 
-QUERY_ENCODER_DIR = "query_encoder"
 HARD_NEGATIVES = 2  # label-0 queries per anchor product
 
 
@@ -151,7 +151,6 @@ def anchor_embeddings(encoder, cfg: PipelineConfig, products: pd.DataFrame, ray_
     """Frozen stage-1 embeddings of the anchor products: from the run's cached image stem when stage 1
     left one that covers them (only the image tower's tail runs), else from the photos."""
     from dashclip_core.models.image_stem import StemStore, embeddings_from_pooled
-    from dashclip_core.training.stage1 import IMAGE_STEM
 
     builder = InputBuilder(cfg.model)
     with_image = products.loc[products["image_uri"].notna(), "product_id"]
@@ -182,14 +181,15 @@ def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFra
     emb = np.zeros((len(products), cfg.model.embed_dim), np.float32)
     emb[used] = anchor_embeddings(encoder, cfg, products.iloc[used], ray_storage)
     del encoder
-    np.save(out_dir / "anchor_product_emb.npy", emb)
-    pos.to_parquet(out_dir / "stage2_examples.parquet", index=False)
-    (out_dir / "hard_negatives.json").write_text(json.dumps({str(k): v for k, v in hard.items()}))
+    outputs = Stage2(out_dir)
+    np.save(outputs.anchor_product_emb, emb)
+    pos.to_parquet(outputs.examples, index=False)
+    outputs.hard_negatives.write_text(json.dumps({str(k): v for k, v in hard.items()}))
 
     t0 = time.time()
     loop = {
-        "pipeline": cfg.to_dict(), "examples": str(out_dir / "stage2_examples.parquet"),
-        "hard_negatives": str(out_dir / "hard_negatives.json"), "product_emb": str(out_dir / "anchor_product_emb.npy"),
+        "pipeline": cfg.to_dict(), "examples": str(outputs.examples),
+        "hard_negatives": str(outputs.hard_negatives), "product_emb": str(outputs.anchor_product_emb),
         "stage1_dir": str(stage1_dir), "mlflow": mlflow_run,
     }
     product_encoder = load_product_encoder(stage1_dir)
@@ -203,12 +203,12 @@ def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFra
         precision = result.metrics.get("precision", "fp32")
     if cfg.train.stage2_wise_alpha != 1.0:
         wise_interpolate(model.query_encoder, QueryEncoder.from_product_encoder(product_encoder, 0), cfg.train.stage2_wise_alpha)
-    save_encoder(model.query_encoder, cfg.model, out_dir / QUERY_ENCODER_DIR)
-    (out_dir / "anchor_product_emb.npy").unlink()  # only the workers needed it; backfill writes the real table
+    save_encoder(model.query_encoder, cfg.model, outputs.query_encoder)
+    outputs.anchor_product_emb.unlink()  # only the workers needed it; backfill writes the real table
     info = {
         "n_examples": len(pos), "n_products": len(used), "n_hard_negative_products": len(hard),
         "train_seconds": round(time.time() - t0, 1), "precision": precision,
         **{f"final_{k}": v for k, v in final_metrics.items()}, **count_parameters(model.query_encoder),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(info, indent=2))
+    outputs.metrics.write_text(json.dumps(info, indent=2))
     return info

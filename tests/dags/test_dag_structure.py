@@ -10,16 +10,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# Every step reads the outputs it needs through its upstreams' summaries, so the graph has an edge for each
+# data dependency (not only the chain of gates).
 EXPECTED_DOWNSTREAM = {
-    "extract_catalog": {"validate_catalog"},
-    "validate_catalog": {"label_pairs"},
-    "label_pairs": {"validate_labels"},
+    "extract_catalog": {"validate_catalog", "label_pairs", "register_model"},
+    "validate_catalog": {"label_pairs", "train_stage1", "train_stage2", "backfill_embeddings", "validate_embeddings",
+                         "evaluate", "register_model"},
+    "label_pairs": {"validate_labels", "train_stage2", "build_index", "evaluate", "register_model"},
     "validate_labels": {"train_stage1"},
-    "train_stage1": {"train_stage2", "backfill_embeddings"},
-    "train_stage2": {"build_index"},
-    "backfill_embeddings": {"validate_embeddings"},
+    "train_stage1": {"train_stage2", "backfill_embeddings", "evaluate", "register_model"},
+    "train_stage2": {"build_index", "evaluate", "register_model"},
+    "backfill_embeddings": {"validate_embeddings", "build_index", "evaluate"},
     "validate_embeddings": {"build_index"},
-    "build_index": {"evaluate"},
+    "build_index": {"evaluate", "register_model"},
     "evaluate": {"register_model"},
     "register_model": set(),
 }

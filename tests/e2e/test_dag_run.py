@@ -119,17 +119,24 @@ def test_rerun_same_run_id_is_idempotent(first_run, tiny_config):
     mtimes = {p: p.stat().st_mtime_ns for p in stage1_dir.rglob("*")}
     n_versions = len(MlflowClient(cfg.tracking_uri()).search_model_versions(f"name = '{cfg.registry.model_name}'"))
 
-    again = steps.train_stage1({}, params=params, run_id=first_run.run_id)
+    again = steps.train_stage1({}, {}, params=params, run_id=first_run.run_id)  # done: its inputs are not read again
     assert again["uri"] == paths.uri("train_stage1")
     assert {p: p.stat().st_mtime_ns for p in stage1_dir.rglob("*")} == mtimes
 
-    reg = steps.register_model({}, params=params, run_id=first_run.run_id)
+    reg = steps.register_model({}, {}, {}, {}, {}, {}, {}, params=params, run_id=first_run.run_id)
     assert reg["uri"] == paths.uri("register_model")
     # Even with the step's marker gone (a crash after registering), no second version is created.
     import shutil
 
     shutil.rmtree(paths.local("register_model"))
-    reg2 = steps.register_model({}, params=params, run_id=first_run.run_id)
+    from dashclip_core.storage import read_json
+
+    def summary(step: str) -> dict:  # what Airflow hands the task: the upstream's XCom
+        return {"uri": paths.uri(step), **read_json(paths.local(step) / "summary.json")}
+
+    upstream = [summary(s) for s in ("extract_catalog", "validate_catalog", "label_pairs", "train_stage1", "train_stage2",
+                                     "build_index", "evaluate")]
+    reg2 = steps.register_model(*upstream, params=params, run_id=first_run.run_id)
     assert reg2["version"] == reg["version"] and reg2["created"] is False
     assert len(MlflowClient(cfg.tracking_uri()).search_model_versions(f"name = '{cfg.registry.model_name}'")) == n_versions
 

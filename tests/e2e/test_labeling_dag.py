@@ -56,6 +56,16 @@ def _paths(cfg_path: Path, dr):
     return run_paths(PipelineConfig.from_file(cfg_path), dr.run_id)
 
 
+def _label_pairs_by_hand(cfg_path: Path, dr):
+    """Run the label_pairs task again as a cleared task would: with its upstreams' summaries (XComs) as inputs."""
+    from dashclip_core.storage import read_json
+    from tasks import steps
+
+    paths = _paths(cfg_path, dr)
+    catalog, clean = ({"uri": paths.uri(s), **read_json(paths.local(s) / "summary.json")} for s in ("extract_catalog", "validate_catalog"))
+    return steps.label_pairs(catalog, clean, params={"config_path": str(cfg_path)}, run_id=dr.run_id)
+
+
 def test_http_labeler_survives_faults_and_a_rerun_pays_nothing(airflow_db, tmp_path, tiny_config, llm_server):
     import pandas as pd
 
@@ -133,11 +143,9 @@ def test_budget_exhaustion_stops_the_step_and_keeps_what_was_labelled(airflow_db
     # When the step is run again by hand (a cleared task: the budget limits one attempt)
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks import steps
-
     n_billed = len(llm_server.billed)
     with pytest.raises(AirflowFailException, match=r"stopped by budget after .* from cache.*raise labeling.max_tokens"):
-        steps.label_pairs({}, params={"config_path": str(cfg_path)}, run_id=dr.run_id)
+        _label_pairs_by_hand(cfg_path, dr)
     # Then it goes on from the cache: nothing paid before is paid again, and more pairs are labelled
     again = [json.dumps(fake_pair(r.body), sort_keys=True) for r in llm_server.of("chat")][n_billed:]
     assert again and not set(again) & set(prompts)
@@ -178,8 +186,6 @@ def test_a_bad_teacher_stops_the_dag_before_training_with_the_report(airflow_db,
 def test_dry_run_estimates_the_cost_and_sends_nothing(airflow_db, tmp_path, tiny_config, llm_server):
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks import steps
-
     # Given a dry run with prices
     cfg_path = _config(tmp_path, tiny_config, dry_run=True, price_per_1k_input=0.15, price_per_1k_output=0.6, max_cost_usd=0.01)
     dr, states = _run(cfg_path)
@@ -189,7 +195,7 @@ def test_dry_run_estimates_the_cost_and_sends_nothing(airflow_db, tmp_path, tiny
     # and says what the run would cost, against the budget
     with pytest.raises(AirflowFailException, match=r"dry run with openai:gpt-test:relevance-v1: teacher scoring \(held-out\): "
                                                    r"\d+ pairs, 0 cached.*candidates: \d[\d,]* pairs.*~\$\d+\.\d{4}; EXCEEDS the budget"):
-        steps.label_pairs({}, params={"config_path": str(cfg_path)}, run_id=dr.run_id)
+        _label_pairs_by_hand(cfg_path, dr)
     assert llm_server.requests == []
 
 

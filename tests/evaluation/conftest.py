@@ -33,8 +33,8 @@ def tiny_run(tiny_config, tmp_path_factory) -> TinyRun:
     from dashclip_core.catalog.snapshot import extract_snapshot
     from dashclip_core.labeling.pairs import combine_labels
     from dashclip_core.models.encoders import QueryEncoder, save_encoder
-    from dashclip_core.training.stage1 import PRODUCT_ENCODER_DIR, build_stage1
-    from dashclip_core.training.stage2 import QUERY_ENCODER_DIR
+    from dashclip_core.layout import PRODUCT_ENCODER, QUERY_ENCODER
+    from dashclip_core.training.stage1 import build_stage1
 
     cfg = PipelineConfig.from_file(tiny_config)
     root = tmp_path_factory.mktemp("eval-run")
@@ -50,6 +50,6 @@ def tiny_run(tiny_config, tmp_path_factory) -> TinyRun:
     labels.to_parquet(run_dir / "label_pairs" / "labels.parquet", index=False)
 
     encoder = build_stage1(cfg).encoder.eval()
-    product_dir = save_encoder(encoder, cfg.model, run_dir / "train_stage1" / PRODUCT_ENCODER_DIR)
-    query_dir = save_encoder(QueryEncoder.from_product_encoder(encoder, 0), cfg.model, run_dir / "train_stage2" / QUERY_ENCODER_DIR)
+    product_dir = save_encoder(encoder, cfg.model, run_dir / "train_stage1" / PRODUCT_ENCODER)
+    query_dir = save_encoder(QueryEncoder.from_product_encoder(encoder, 0), cfg.model, run_dir / "train_stage2" / QUERY_ENCODER)
     return TinyRun(cfg, run_dir, products, labels, product_dir, query_dir)
