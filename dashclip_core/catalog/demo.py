@@ -23,7 +23,6 @@ Python versions), one stream per concern so that, e.g., the image of a product d
 from __future__ import annotations
 
 import colorsys
-import hashlib
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from dashclip_core.catalog.schema import DB_FILENAME, build_catalog_dir, write_catalog_db
+from dashclip_core.catalog.schema import DB_FILENAME, build_catalog_dir, stable_hash, write_catalog_db
 
 logger = logging.getLogger(__name__)
 
@@ -490,10 +489,6 @@ def _check_definitions() -> None:
 _check_definitions()
 
 
-def _stable_hash(text: str) -> int:
-    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
-
-
 def query_split(queries: Sequence[DemoQuery]) -> dict[str, str]:
     """Split queries into 'train' and 'eval' by a hash of the query text, stratified by kind.
 
@@ -508,7 +503,7 @@ def query_split(queries: Sequence[DemoQuery]) -> dict[str, str]:
     """
     split: dict[str, str] = {}
     for kind in sorted({q.kind for q in queries}):
-        ranked = sorted((q.text for q in queries if q.kind == kind), key=_stable_hash)
+        ranked = sorted((q.text for q in queries if q.kind == kind), key=stable_hash)
         n_eval = max(1, round(EVAL_FRACTION * len(ranked)))
         split.update({text: ("eval" if i < n_eval else "train") for i, text in enumerate(ranked)})
     return split

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dashclip_core.catalog.schema import DB_FILENAME, build_catalog_dir, write_catalog_db
+from dashclip_core.catalog.schema import DB_FILENAME, build_catalog_dir, stable_hash, write_catalog_db
 
 logger = logging.getLogger(__name__)
 
@@ -440,7 +440,7 @@ def _description_queries(classes: Sequence[GroceryClass]) -> list[tuple[Attribut
         if not carriers or len(carriers) == len(members):
             return
         noun = " ".join(noun_words)
-        template = attr.templates[_stable_hash(f"{attr.templates[0]}|{noun}") % len(attr.templates)]
+        template = attr.templates[stable_hash(f"{attr.templates[0]}|{noun}") % len(attr.templates)]
         if _template_words(template) & set(noun_words):
             return
         text = template.format(noun=_noun_phrase(noun_words, attr.plural and countable))
@@ -575,7 +575,7 @@ def _capped_by_facet(candidates: Sequence[tuple[Attribute, GroceryQuery]]) -> li
         per_attr.setdefault(attr, []).append(q)
     by_facet: dict[str, list[list[GroceryQuery]]] = {}
     for attr, qs in per_attr.items():
-        by_facet.setdefault(attr.facet, []).append(sorted(qs, key=lambda q: _stable_hash(q.text)))
+        by_facet.setdefault(attr.facet, []).append(sorted(qs, key=lambda q: stable_hash(q.text)))
     out: list[GroceryQuery] = []
     for lists in by_facet.values():
         kept: dict[str, GroceryQuery] = {}
@@ -585,10 +585,6 @@ def _capped_by_facet(candidates: Sequence[tuple[Attribute, GroceryQuery]]) -> li
                     kept.setdefault(qs[rank].text, qs[rank])
         out += kept.values()
     return out
-
-
-def _stable_hash(text: str) -> int:
-    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
 
 
 def _eval_queries(queries: Sequence[GroceryQuery], val: Sequence[_Photo]) -> set[str]:
@@ -603,7 +599,7 @@ def _eval_queries(queries: Sequence[GroceryQuery], val: Sequence[_Photo]) -> set
     chosen: set[str] = set()
     for kind in QUERY_KINDS:
         of_kind = [q for q in queries if q.kind == kind]
-        eligible = sorted((q.text for q in of_kind if q.high & val_classes), key=_stable_hash)
+        eligible = sorted((q.text for q in of_kind if q.high & val_classes), key=stable_hash)
         chosen |= set(eligible[:max(1, round(fraction * len(of_kind)))] if eligible else ())
     return chosen
 

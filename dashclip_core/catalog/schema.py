@@ -9,6 +9,7 @@ the generator and its parameters so that an identical request reuses the folder 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -33,6 +34,12 @@ from sqlalchemy import (
 from sqlalchemy.exc import DatabaseError
 
 logger = logging.getLogger(__name__)
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash of ``text`` that is the same in every process and Python version (unlike ``hash``): the
+    generated catalogs' splits and picks depend on it, so they never change between runs."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
 
 DB_FILENAME = "catalog.db"
 

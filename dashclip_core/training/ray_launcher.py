@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -112,6 +113,55 @@ def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, stage: str, preci
         precision.load_state_dict(state.get("precision"))
     logger.info("%s resumes at epoch %d (step %d)", stage, state["epoch"] + 1, state["step"])
     return state["epoch"] + 1, state["step"]
+
+
+@dataclass
+class WorkerStart:
+    """What every Ray Train worker sets up before its epochs, the same way in both stages.
+
+    Attributes:
+        cfg: the pipeline config the launcher passed (``loop_config["pipeline"]``).
+        rank / world: this worker's rank and the number of workers.
+        device: the worker's torch device (CPU, or its GPU).
+        opt: AdamW over ``parameter_groups`` (stage learning rate, weight decay).
+        base_lrs: each group's learning rate before a resume (the checkpoint's optimizer holds a decayed one).
+        precision: :class:`~dashclip_core.training.precision.MixedPrecision` of ``train.amp``.
+        start_epoch / step: where a retried run continues (0, 0 for a fresh run).
+        mlflow_log: per-step metrics from rank 0.
+    """
+
+    cfg: PipelineConfig
+    rank: int
+    world: int
+    device: torch.device
+    opt: torch.optim.Optimizer
+    base_lrs: list[float]
+    precision: object
+    start_epoch: int
+    step: int
+    mlflow_log: MetricsLogger
+
+
+def start_worker(cfg: PipelineConfig, loop_config: dict, stage: str, model: torch.nn.Module, param_groups: list[dict]) -> WorkerStart:
+    """Optimizer (AdamW over ``param_groups``), precision, resume from the latest checkpoint and the MLflow logger
+    of a worker whose thread count is already set. Call before ``prepare_model``: the checkpoint holds the
+    unwrapped model.
+    """
+    import ray.train
+    import ray.train.torch
+
+    from dashclip_core.training.precision import MixedPrecision
+
+    ctx = ray.train.get_context()
+    opt = torch.optim.AdamW(param_groups, weight_decay=cfg.train.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]  # before resume: the checkpoint's optimizer holds a decayed rate
+    device = ray.train.torch.get_device()
+    precision = MixedPrecision(cfg.train.amp, device, cfg.train.max_nonfinite_steps, stage)
+    start_epoch, step = resume(model, opt, stage, precision)  # a retried run continues after its last finished epoch
+    mlflow = loop_config["mlflow"]
+    rank = ctx.get_world_rank()
+    return WorkerStart(cfg, rank, ctx.get_world_size(), device, opt, base_lrs, precision, start_epoch, step,
+                       MetricsLogger(mlflow["tracking_uri"], mlflow["run_id"], stage, enabled=rank == 0))
 
 
 def end_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int, metrics: dict, precision=None) -> None:

@@ -202,26 +202,20 @@ def stage1_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from dashclip_core.training.precision import MixedPrecision
-    from dashclip_core.training.ray_launcher import EpochMeter, MetricsLogger, end_epoch, resume
+    from dashclip_core.training.ray_launcher import EpochMeter, end_epoch, start_worker
     from dashclip_core.training.schedule import apply_lr, stage_lr_factor
 
     cfg = PipelineConfig.from_dict(config["pipeline"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.torch_threads_per_worker)
 
     pairs = pd.read_parquet(config["pairs"])
     stem_cache = np.load(config["stem_cache"], mmap_mode="r") if config.get("stem_cache") else None  # (N, C, h, w) float16, row = pairs.stem_row
     builder = InputBuilder(cfg.model)
     model = build_stage1(cfg)
-    opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage1_lr), weight_decay=cfg.train.weight_decay)
-    base_lrs = [g["lr"] for g in opt.param_groups]  # before resume: the checkpoint's optimizer holds a decayed rate
-    device = ray.train.torch.get_device()
-    precision = MixedPrecision(cfg.train.amp, device, cfg.train.max_nonfinite_steps, "stage1")
-    start_epoch, step = resume(model, opt, "stage1", precision)  # a retried run continues after its last finished epoch
+    w = start_worker(cfg, config, "stage1", model, parameter_groups(model, cfg, cfg.train.stage1_lr))
+    rank, world, device, opt, base_lrs, precision, mlflow_log = w.rank, w.world, w.device, w.opt, w.base_lrs, w.precision, w.mlflow_log
+    start_epoch, step = w.start_epoch, w.step
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU)
-    mlflow_log = MetricsLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"], "stage1", enabled=rank == 0)
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     aug = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 1)  # flips and text views
 

@@ -60,13 +60,10 @@ def stage2_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from dashclip_core.training.precision import MixedPrecision
-    from dashclip_core.training.ray_launcher import EpochMeter, MetricsLogger, end_epoch, resume
+    from dashclip_core.training.ray_launcher import EpochMeter, end_epoch, start_worker
     from dashclip_core.training.schedule import apply_lr, stage_lr_factor
 
     cfg = PipelineConfig.from_dict(config["pipeline"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.torch_threads_per_worker)
 
     pos = pd.read_parquet(config["examples"])
@@ -78,11 +75,9 @@ def stage2_worker(config: dict) -> None:
     product_encoder = load_product_encoder(Path(config["stage1_dir"]))
     model = Stage2Model(QueryEncoder.from_product_encoder(product_encoder, cfg.model.text.trainable_layers), cfg)
     del product_encoder
-    opt = torch.optim.AdamW(parameter_groups(model, cfg, cfg.train.stage2_lr), weight_decay=cfg.train.weight_decay)
-    base_lrs = [g["lr"] for g in opt.param_groups]  # before resume: the checkpoint's optimizer holds a decayed rate
-    device = ray.train.torch.get_device()
-    precision = MixedPrecision(cfg.train.amp, device, cfg.train.max_nonfinite_steps, "stage2")
-    start_epoch, step = resume(model, opt, "stage2", precision)  # a retried run continues after its last finished epoch
+    w = start_worker(cfg, config, "stage2", model, parameter_groups(model, cfg, cfg.train.stage2_lr))
+    rank, world, device, opt, base_lrs, precision, mlflow_log = w.rank, w.world, w.device, w.opt, w.base_lrs, w.precision, w.mlflow_log
+    start_epoch, step = w.start_epoch, w.step
     cache_chunk = cfg.train.stage2_grad_cache_chunk
     if cache_chunk > 0:
         # GradCache runs its own backward through the query encoder, so DDP must wrap the encoder itself
@@ -90,7 +85,6 @@ def stage2_worker(config: dict) -> None:
         ddp_encoder = ray.train.torch.prepare_model(model.query_encoder)
     else:
         model = ray.train.torch.prepare_model(model)
-    mlflow_log = MetricsLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"], "stage2", enabled=rank == 0)
     rng = np.random.default_rng(cfg.train.seed * 7919 + rank)
 
     for epoch in range(start_epoch, cfg.train.stage2_epochs):
