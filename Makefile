@@ -48,7 +48,9 @@ $(AIRFLOW_HOME)/airflow.db: | $(VENV)/.installed
 run: install $(AIRFLOW_HOME)/airflow.db
 	$(BIN)/dashclip run --config $(CONFIG)
 
+# Import contracts first (pyproject [tool.importlinter]: seconds), then the tests.
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 test-fast: install
@@ -75,6 +77,7 @@ lock: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(DASHCLIP_HOME)
