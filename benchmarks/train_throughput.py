@@ -108,6 +108,7 @@ def main() -> None:
 
     from dashclip_core.catalog.snapshot import ensure_source_catalog, extract_snapshot
     from dashclip_core.config import PipelineConfig
+    from dashclip_core.layout import Snapshot
     from dashclip_core.training.stage1 import stage1_pairs
 
     # Same work both ways: the plain loop decodes photos and runs the whole image tower every step, so the
@@ -116,7 +117,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         extract_snapshot(cfg, ensure_source_catalog(cfg), work)
-        products = pd.read_parquet(work / "products.parquet")
+        snapshot = Snapshot(work)
+        products = pd.read_parquet(snapshot.products)
         products = products[products["image_uri"].notna() & (products["title"].notna() | products["description"].notna())]
         pairs = stage1_pairs(products)
         plain1 = plain_stage1(cfg, pairs, args.steps)
@@ -126,7 +128,7 @@ def main() -> None:
         from dashclip_core.models.encoders import save_encoder
         from dashclip_core.training.stage1 import build_stage1
 
-        human = pd.read_parquet(work / "human_labels.parquet")
+        human = pd.read_parquet(snapshot.human_labels)
         labels = combine_labels(human[human["product_id"].isin(set(products["product_id"]))], human.iloc[:0])
         stage1_dir = save_encoder(build_stage1(cfg).encoder, cfg.model, work / "stage1")
         plain2 = plain_stage2(cfg, products.reset_index(drop=True), labels, stage1_dir, args.steps)

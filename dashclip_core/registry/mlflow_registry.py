@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dashclip_core.config import PipelineConfig, flatten
+from dashclip_core.layout import PRODUCT_ENCODER, QUERY_ENCODER
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def register_model(cfg: PipelineConfig, mlflow_run_id: str, run_id: str, product
             info = mlflow.pyfunc.log_model(
                 name="dashclip_encoders",
                 python_model=str(code_file),
-                artifacts={"product_encoder": str(product_encoder_dir), "query_encoder": str(query_encoder_dir)},
+                artifacts={PRODUCT_ENCODER: str(product_encoder_dir), QUERY_ENCODER: str(query_encoder_dir)},  # the pyfunc reads these names
                 code_paths=[str(code_copy)],
                 pip_requirements=_pip_requirements(),
                 signature=_signature(),

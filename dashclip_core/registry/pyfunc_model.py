@@ -22,12 +22,13 @@ class DashclipEncoders(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
+        from dashclip_core.layout import PRODUCT_ENCODER, QUERY_ENCODER
         from dashclip_core.models.encoders import load_product_encoder, load_query_encoder
         from dashclip_core.models.inputs import InputBuilder
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        self.product_encoder = load_product_encoder(Path(context.artifacts["product_encoder"]))
-        self.query_encoder = load_query_encoder(Path(context.artifacts["query_encoder"]))
+        self.product_encoder = load_product_encoder(Path(context.artifacts[PRODUCT_ENCODER]))
+        self.query_encoder = load_query_encoder(Path(context.artifacts[QUERY_ENCODER]))
         self.builder = InputBuilder(self.product_encoder.cfg)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
