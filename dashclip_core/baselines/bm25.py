@@ -9,22 +9,35 @@ BM25 and Beyond", Eq. 3.15, with the non-negative idf used by Lucene)::
 N counts the documents that have at least one token, n(t) those that contain t, |d| is d's token
 count and avgdl the mean |d| over the N documents. Documents that are None or have no token are
 not indexed and never match. A repeated query term counts once.
+
+The index is built by ``bm25s`` (Lù 2024, arXiv 2407.03618), which precomputes every (document, term)
+contribution into a sparse matrix, so a query costs only the postings of its terms. Its ``lucene``
+method is the formula above (the "Lucene (accurate)" variant of Kamphuis et al. 2020, "Which BM25 Do
+You Mean? A Large-Scale Reproducibility Study of Scoring Variants", ECIR, Table 1) without the
+constant factor (k1 + 1), which Lucene drops since it does not change the order; we put it back so a
+score is the textbook one. bm25s's own top-k breaks ties arbitrarily and fills k with documents that
+score 0, so the selection is ours: only matching documents, equal scores ordered by id.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Sequence
 
+import bm25s
 import numpy as np
+import scipy.sparse as sp
 
 _TOKEN = re.compile(r"[^\W_]+")  # runs of Unicode letters and digits
+_MAX_CHUNK_CELLS = 2**22  # queries x documents scored at once in rank_many: bounds the sparse product's size
 
 
 def tokenize(text: str | None) -> list[str]:
-    """Lowercase ``text`` and split it into runs of letters and digits ("Kellogg's 2-pack" -> kellogg, s, 2, pack)."""
+    """Lowercase ``text`` and split it into runs of letters and digits ("Kellogg's 2-pack" -> kellogg, s, 2, pack).
+
+    No stemming and no stopword list: "apples" does not match "apple", and every word counts.
+    """
     if not text:
         return []
     return _TOKEN.findall(text.lower())
@@ -53,37 +66,20 @@ class BM25Index:
             raise ValueError(f"BM25Index: need k1 > 0 and 0 <= b <= 1, got k1={k1}, b={b}")
         self.ids = list(ids)
         self.k1, self.b = k1, b
-
-        token_counts = [Counter(tokenize(d)) for d in docs]
-        lengths = np.array([sum(c.values()) for c in token_counts], dtype=np.float64)  # (n_docs,)
-        indexed = lengths > 0
-        self.n_indexed = int(indexed.sum())
-        avgdl = float(lengths[indexed].mean()) if self.n_indexed else 0.0
-        # Per-document denominator term k1 * (1 - b + b * |d| / avgdl), computed once.
-        self._length_norm = k1 * (1.0 - b + b * lengths / avgdl) if self.n_indexed else lengths  # (n_docs,)
-
-        postings: dict[str, tuple[list[int], list[int]]] = {}
-        for doc, counts in enumerate(token_counts):
-            for term, tf in counts.items():
-                docs_tf = postings.setdefault(term, ([], []))
-                docs_tf[0].append(doc)
-                docs_tf[1].append(tf)
-        self._postings = {
-            t: (np.array(d, dtype=np.int64), np.array(f, dtype=np.float64)) for t, (d, f) in postings.items()
-        }
-        self._idf = {
-            t: math.log(1.0 + (self.n_indexed - len(d) + 0.5) / (len(d) + 0.5)) for t, (d, _) in self._postings.items()
-        }
+        tokens = [tokenize(d) for d in docs]
+        self._rows = np.array([i for i, t in enumerate(tokens) if t], dtype=np.int64)  # (N,) position of each indexed doc
+        self.n_indexed = len(self._rows)
+        by_id = np.argsort(np.array(self.ids, dtype=object), kind="stable")
+        self._id_rank = np.empty(len(self.ids), dtype=np.int64)  # (n_docs,) position of each id in sorted order: the tie order
+        self._id_rank[by_id] = np.arange(len(self.ids))
+        self._vocab, self._term_doc = _term_doc_matrix([tokens[i] for i in self._rows], k1, b)
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every document for ``query``; (n_docs,) float64, 0 where nothing matches."""
-        scores = np.zeros(len(self.ids))
-        for term in set(tokenize(query)):
-            if term not in self._postings:
-                continue
-            docs, tf = self._postings[term]
-            scores[docs] += self._idf[term] * tf * (self.k1 + 1.0) / (tf + self._length_norm[docs])
-        return scores
+        out = np.zeros(len(self.ids))
+        row = self._score_rows([query])  # (1, N) sparse
+        out[self._rows[row.indices]] = row.data
+        return out
 
     def rank(self, query: str, k: int) -> list[str]:
         """Ids of the top-k documents by BM25 score.
@@ -98,9 +94,60 @@ class BM25Index:
         Raises:
             ValueError: ``k < 1``.
         """
+        return self.rank_many([query], k)[0]
+
+    def rank_many(self, queries: Sequence[str], k: int) -> list[list[str]]:
+        """:meth:`rank` for every query, scored a chunk of queries at a time (one sparse product per chunk).
+
+        Args:
+            queries: free-text queries.
+            k: maximum number of ids per query (>= 1).
+
+        Returns:
+            One list per query, as :meth:`rank` returns it.
+
+        Raises:
+            ValueError: ``k < 1``.
+        """
         if k < 1:
             raise ValueError(f"BM25Index.rank: k must be >= 1, got {k}")
-        scores = self.scores(query)
-        matched = np.flatnonzero(scores > 0)
-        best = sorted(matched.tolist(), key=lambda i: (-scores[i], self.ids[i]))[:k]
-        return [self.ids[i] for i in best]
+        chunk = max(1, _MAX_CHUNK_CELLS // max(1, self.n_indexed))
+        out: list[list[str]] = []
+        for start in range(0, len(queries), chunk):
+            rows = self._score_rows(queries[start : start + chunk])  # (chunk, N) sparse, matches only
+            for r in range(rows.shape[0]):
+                cols = rows.indices[rows.indptr[r] : rows.indptr[r + 1]]
+                out.append(self._top_k(cols, rows.data[rows.indptr[r] : rows.indptr[r + 1]], k))
+        return out
+
+    def _score_rows(self, queries: Sequence[str]) -> sp.csr_matrix:
+        """(Q, N) scores over the indexed documents; only documents that match a query term are stored."""
+        rows, cols = [], []
+        for r, query in enumerate(queries):
+            terms = sorted({self._vocab[t] for t in tokenize(query) if t in self._vocab})  # a repeated term counts once
+            cols += terms
+            rows += [r] * len(terms)
+        hits = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(queries), len(self._vocab)))  # (Q, V)
+        return (hits @ self._term_doc).tocsr()
+
+    def _top_k(self, cols: np.ndarray, scores: np.ndarray, k: int) -> list[str]:
+        """Ids of the k best of these indexed documents (``cols``), best first, ties by id."""
+        keep = scores > 0
+        cols, scores = cols[keep], scores[keep]
+        if len(scores) > k:  # keep every document tied with the k-th score, so the tie order decides who stays
+            kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+            cols, scores = cols[scores >= kth], scores[scores >= kth]
+        docs = self._rows[cols]
+        order = np.lexsort((self._id_rank[docs], -scores))[:k]
+        return [self.ids[i] for i in docs[order]]
+
+
+def _term_doc_matrix(docs: list[list[str]], k1: float, b: float) -> tuple[dict[str, int], sp.csr_matrix]:
+    """Vocabulary and the (V, N) matrix of per-term BM25 contributions of the non-empty ``docs``, via bm25s."""
+    if not docs:
+        return {}, sp.csr_matrix((0, 0))
+    retriever = bm25s.BM25(k1=k1, b=b, method="lucene", dtype="float64")
+    retriever.index(docs, create_empty_token=False, show_progress=False)
+    s = retriever.scores  # CSC (N, V): column t holds idf(t) * tf / (tf + k1 * (1 - b + b * |d| / avgdl))
+    doc_term = sp.csc_matrix((s["data"] * (k1 + 1.0), s["indices"], s["indptr"]), shape=(s["num_docs"], len(retriever.vocab_dict)))
+    return retriever.vocab_dict, doc_term.T.tocsr()

@@ -26,7 +26,7 @@ import great_expectations.expectations as gxe
 import numpy as np
 import pandas as pd
 
-from dashclip_core.validation.catalog_gate import SAMPLE_SIZE, failing_summary, run_expectations, write_report
+from dashclip_core.validation.expectations import SAMPLE_SIZE, failing_summary, run_expectations, write_report
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Tests for the BM25 baseline: hand-checked scores, tie order, empty documents."""
+"""Tests for the BM25 baseline: hand-checked scores, the formula computed directly, tie order, empty documents."""
 
 from __future__ import annotations
 
@@ -47,3 +47,52 @@ def test_errors() -> None:
         BM25Index(["a", "b"], ["x", "x"])
     with pytest.raises(ValueError, match="k must be >= 1"):
         BM25Index(["a"], ["x"]).rank("a", k=0)
+
+
+def direct_bm25(docs: list[str | None], query: str, k1: float, b: float) -> list[float]:
+    """The module docstring's formula, term by term, with no index: the reference the index must match."""
+    tokens = [tokenize(d) for d in docs]
+    indexed = [t for t in tokens if t]
+    n, avgdl = len(indexed), sum(map(len, indexed)) / len(indexed)
+    out = []
+    for doc in tokens:
+        score = 0.0
+        for term in set(tokenize(query)):
+            tf, df = doc.count(term), sum(term in t for t in indexed)
+            if tf:
+                idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+                score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(doc) / avgdl))
+        out.append(score)
+    return out
+
+
+@pytest.mark.parametrize(("k1", "b"), [(1.2, 0.75), (2.0, 0.3), (0.5, 1.0), (1.2, 0.0)])
+def test_scores_match_a_direct_implementation_of_the_formula(k1: float, b: float) -> None:
+    docs = [
+        "Organic red apples, 2 lb bag", "Green apple pie apple crumble", None, "Oat milk oat drink barista oat",
+        "", "Red pepper", "apple", "Milk chocolate bar with red berries", "Crème brûlée 2-pack",
+    ]
+    index = BM25Index(docs, [f"d{i}" for i in range(len(docs))], k1=k1, b=b)
+
+    for query in ("apple", "red apple", "oat milk", "crème 2 pack", "red red berries", "nothing here", ""):
+        assert index.scores(query) == pytest.approx(direct_bm25(docs, query, k1, b), rel=1e-12, abs=0), query
+
+
+def test_rank_many_equals_rank_and_ties_at_the_cut_off_go_by_id() -> None:
+    # Given five identical documents (equal scores) whose ids are not in position order
+    ids = ["e", "b", "d", "a", "c"]
+    index = BM25Index(["oat milk"] * 5 + ["milk"], ids + ["f"])
+
+    # Then the cut-off keeps the smallest ids among the tied ones, whatever their positions
+    assert index.rank("oat milk", k=2) == ["a", "b"]
+    assert index.rank("oat milk", k=6) == ["a", "b", "c", "d", "e", "f"]
+    queries = ["oat", "milk", "", "oat oat milk", "tea"]
+    assert index.rank_many(queries, k=3) == [index.rank(q, k=3) for q in queries]
+    assert index.rank_many([], k=3) == []
+
+
+def test_a_corpus_without_any_token_never_matches() -> None:
+    index = BM25Index([None, "", "--"], ["x", "y", "z"])
+
+    assert index.n_indexed == 0
+    assert index.rank("anything", k=3) == [] and list(index.scores("anything")) == [0.0, 0.0, 0.0]

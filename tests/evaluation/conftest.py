@@ -32,8 +32,8 @@ def tiny_run(tiny_config, tmp_path_factory) -> TinyRun:
     from dashclip_core.catalog.demo import generate_demo_catalog
     from dashclip_core.catalog.snapshot import extract_snapshot
     from dashclip_core.labeling.pairs import combine_labels
-    from dashclip_core.models.encoders import QueryEncoder, save_encoder
     from dashclip_core.layout import PRODUCT_ENCODER, QUERY_ENCODER
+    from dashclip_core.models.encoders import QueryEncoder, save_encoder
     from dashclip_core.training.stage1 import build_stage1
 
     cfg = PipelineConfig.from_file(tiny_config)

@@ -1,4 +1,5 @@
-"""Tests for ranking metrics (hand-computed cases) and nearest-centroid category accuracy."""
+"""Tests for ranking metrics (hand-computed cases, cross-checked against ir-measures / trec_eval) and
+nearest-centroid category accuracy."""
 
 from __future__ import annotations
 
@@ -69,6 +70,71 @@ def test_evaluate_rankings_without_relevant_queries_raises() -> None:
     judgments = pd.DataFrame({"query": ["q"], "product_id": ["a"], "label": [0]})
     with pytest.raises(ValueError, match="none of the 1 judged queries"):
         evaluate_rankings({"q": ["a"]}, judgments)
+
+
+# trec_eval's ndcg_cut uses the label itself as gain; ours is 2^label - 1 (Burges et al. 2005), which
+# ir-measures' nDCG takes as a gain map {label: 2^label - 1} over the same log2 discount.
+EXP_GAINS = {0: 0, 1: 1, 2: 3}
+
+
+def judged_run(seed: int = 0, n_queries: int = 6, n_docs: int = 40) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Graded judgments (0/1/2, each query with a label-2 product) and rankings that mix judged and
+    unjudged products, some shorter than the deepest cut-off, some missing a judged relevant product."""
+    rng = np.random.default_rng(seed)
+    docs = [f"p{i:02d}" for i in range(n_docs)]
+    rows, rankings = [], {}
+    for q in range(n_queries):
+        judged = rng.choice(docs, size=12, replace=False)
+        labels = rng.choice([0, 1, 2], size=12, p=[0.5, 0.3, 0.2])
+        labels[0] = 2
+        rows += [(f"q{q}", d, int(lab)) for d, lab in zip(judged, labels)]
+        rankings[f"q{q}"] = list(rng.choice(docs, size=int(rng.integers(5, 25)), replace=False))
+    return pd.DataFrame(rows, columns=["query", "product_id", "label"]), rankings
+
+
+@pytest.mark.parametrize("min_relevant_label", [1, 2])
+def test_evaluate_rankings_matches_ir_measures(min_relevant_label: int) -> None:
+    import ir_measures
+    from ir_measures import Qrel, R, ScoredDoc, nDCG
+
+    # Given graded judgments and rankings as trec_eval input: a strictly decreasing score per rank, so no ties;
+    # one judged query has no ranking (both score it 0)
+    judgments, rankings = judged_run()
+    del rankings["q5"]
+    qrels = [Qrel(q, d, lab) for q, d, lab in judgments.itertuples(index=False)]
+    run = [ScoredDoc(q, d, float(len(ids) - i)) for q, ids in rankings.items() for i, d in enumerate(ids)]
+    ks = (1, 5, 10, 20)
+    ndcg = {k: nDCG(gains=EXP_GAINS) @ k for k in ks}
+    recall = {k: R(rel=min_relevant_label) @ k for k in ks}
+
+    # When both score them
+    ours = evaluate_rankings(rankings, judgments, ks=ks, min_relevant_label=min_relevant_label)
+    theirs = ir_measures.calc_aggregate([*ndcg.values(), *recall.values()], qrels, run)
+
+    # Then nDCG@k and Recall@k agree (every query here has a relevant product, so both average the same queries)
+    assert (ours["n_queries"], ours["n_queries_skipped"], ours["n_queries_without_ranking"]) == (6, 0, 1)
+    for k in ks:
+        assert ours[f"ndcg@{k}"] == pytest.approx(theirs[ndcg[k]], abs=1e-12), k
+        assert ours[f"recall@{k}"] == pytest.approx(theirs[recall[k]], abs=1e-12), k
+    # and trec_eval's own nDCG (linear gain) is a different number on graded labels
+    assert ours["ndcg@10"] != pytest.approx(ir_measures.calc_aggregate([nDCG @ 10], qrels, run)[nDCG @ 10], abs=1e-6)
+
+
+def test_queries_without_relevant_products_are_left_out_where_trec_eval_scores_them_0() -> None:
+    import ir_measures
+    from ir_measures import Qrel, R, ScoredDoc
+
+    judgments, rankings = judged_run(seed=1, n_queries=4)
+    judgments = pd.concat([judgments, pd.DataFrame({"query": ["none"], "product_id": ["p00"], "label": [0]})])
+    rankings["none"] = ["p00", "p01"]
+    qrels = [Qrel(q, d, lab) for q, d, lab in judgments.itertuples(index=False)]
+    run = [ScoredDoc(q, d, float(len(ids) - i)) for q, ids in rankings.items() for i, d in enumerate(ids)]
+
+    ours = evaluate_rankings(rankings, judgments, ks=(10,))
+    theirs = ir_measures.calc_aggregate([R @ 10], qrels, run)[R @ 10]
+
+    assert ours["n_queries"] == 4 and ours["n_queries_skipped"] == 1
+    assert ours["recall@10"] == pytest.approx(theirs * 5 / 4, abs=1e-12)  # trec_eval's mean counts the extra query as 0
 
 
 def test_category_accuracy_on_separable_data() -> None:

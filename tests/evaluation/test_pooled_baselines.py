@@ -7,7 +7,7 @@ import pandas as pd
 from PIL import Image
 
 from dashclip_core.config import PipelineConfig
-from dashclip_core.evaluation.report import PooledImageFeatures, untrained_encoders
+from dashclip_core.evaluation.untrained import PooledImageFeatures, untrained_encoders
 from dashclip_core.models.image_stem import embeddings_from_pooled
 from dashclip_core.models.inputs import InputBuilder, embed_products
 
