@@ -6,7 +6,7 @@ each step publishes one folder ``<step>/`` there, holding its files and ``summar
 
     extract_catalog/      products.parquet  search_log.parquet  human_labels.parquet
     validate_catalog/     clean.parquet  quarantine.parquet  report.json
-    label_pairs/          labels.parquet  teacher_report.json  teacher_quality.json (+ .png)  labeling_summary.json
+    label_pairs/          labels.parquet  teacher_report.json  teacher_quality.json  teacher_confusion.png  labeling_summary.json
     validate_labels/      report.json
     train_stage1/         product_encoder/  stage1_pairs.parquet  metrics.json
     train_stage2/         query_encoder/  stage2_examples.parquet  hard_negatives.json  metrics.json
@@ -125,7 +125,7 @@ class Labels(StepFolder):
 
     @property
     def teacher_confusion_png(self) -> Path:
-        return self.dir / "teacher_quality.png"
+        return self.dir / "teacher_confusion.png"
 
     @property
     def labeling_summary(self) -> Path:

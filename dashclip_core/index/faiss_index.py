@@ -164,10 +164,10 @@ class ProductIndex:
         if index.ntotal != len(ids) or index.ntotal != meta["ntotal"]:
             raise ValueError(
                 f"{folder}: index holds {index.ntotal} vectors, {files.ids.name} {len(ids)} ids, "
-                f"{META_FILE} says ntotal={meta['ntotal']}; the folder is inconsistent, rebuild the index"
+                f"{files.meta.name} says ntotal={meta['ntotal']}; the folder is inconsistent, rebuild the index"
             )
         if index.d != meta["dim"]:
-            raise ValueError(f"{folder}: index dimension {index.d} != {META_FILE} dim {meta['dim']}")
+            raise ValueError(f"{folder}: index dimension {index.d} != {files.meta.name} dim {meta['dim']}")
         loaded = cls(
             index=index,
             product_ids=ids["product_id"].astype(str).tolist(),
