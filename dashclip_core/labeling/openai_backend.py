@@ -1,7 +1,7 @@
 """LLM relevance labeler over any OpenAI-compatible REST API (OpenAI, Azure-style gateways, vLLM, ...).
 
 DashCLIP labels (query, product) pairs 0/1/2 with a GPT model fine-tuned on human judgements. This
-module covers the three HTTP paths that recipe needs, all with the prompt of
+module covers the three API paths that recipe needs, all with the prompt of
 :mod:`dashclip_core.labeling.prompt`:
 
 1. Online: :meth:`OpenAICompatibleLabeler.label` sends one chat completion per pair, ``concurrency`` at a time.
@@ -12,22 +12,33 @@ module covers the three HTTP paths that recipe needs, all with the prompt of
    :meth:`~OpenAICompatibleLabeler.start_fine_tune` → :meth:`~OpenAICompatibleLabeler.wait_fine_tune`,
    whose model id is then the ``model`` of a new labeler.
 
-Every HTTP call goes through one helper with one retry policy: 408, 429, 5xx, timeouts and
-connection errors are retried up to ``max_retries`` times with exponential backoff and full jitter
-(a random wait in [0, min(backoff_max, backoff_base * 2**attempt)]), or after the server's
-``Retry-After`` / ``retry-after-ms`` when it sends one (capped at ``backoff_max``). Other 4xx fail at
-once. An answer that is not the schema's JSON, a refusal and a content-filter stop are asked again
-up to ``max_retries`` times and then returned as a failed result: a pair is never guessed.
+What the official ``openai`` client does (``openai.OpenAI(base_url=...)`` reaches any compatible
+server): HTTP, connection pooling, the per-request ``timeout``, multipart file upload, the typed
+``chat.completions`` / ``files`` / ``batches`` / ``fine_tuning.jobs`` calls and the retries. It retries
+408, 409, 429, 5xx, timeouts and dropped connections up to ``max_retries`` times, honours the server's
+``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date) and ``x-should-retry``, and gives up at
+once on a ``Retry-After`` over 2 minutes. Only the wait between its retries is ours: exponential
+backoff with full jitter, U(0, min(backoff_max, backoff_base * 2**attempt)), or the server's
+``Retry-After`` capped at ``backoff_max`` (:class:`Backoff`, hooked into the client's retry loop).
 
-Creating a batch or a fine-tuning job costs money, so a retry after an ambiguous failure (timeout,
-dropped connection, 5xx: the server may have created it) first looks the object up by its input file
-and reuses it instead of creating a second one. A chat completion cannot be looked up: a timed-out
-request the server finished anyway is paid twice; keep ``timeout`` well above the model's latency.
+What stays ours: the ``concurrency`` cap (a thread pool); per-pair failure semantics (an answer that is
+not the schema's JSON, a refusal and a content-filter stop are asked again up to ``max_retries`` times,
+then returned as a failed result, as is a pair whose HTTP retries are spent: a pair is never guessed
+and never raises; a rejected key raises :class:`AuthenticationError`, since every pair would fail);
+the token usage of every answer paid for; ``labeler_id`` (``openai:<model>:<prompt_version>``, so label
+caches stay valid); and key hygiene (below).
 
-The API key comes from the ``api_key`` argument or ``OPENAI_API_KEY``. In the DAG it comes from an
-Airflow connection (:func:`credentials_from_airflow_connection`), whose password Airflow masks in
-task logs. The key is sent only in the ``Authorization`` header; it is not in ``repr``, log lines or
-exception messages (error bodies that echo it are scrubbed).
+Creating a batch or a fine-tuning job costs money, so the client does not retry those calls: after an
+ambiguous failure (timeout, dropped connection, 5xx: the server may have created it) we first look the
+object up by its input file and reuse it instead of creating a second one. A chat completion cannot be
+looked up: a timed-out request the server finished anyway is paid twice; keep ``timeout`` well above
+the model's latency.
+
+The API key comes from the ``api_key`` argument or ``OPENAI_API_KEY``; with neither, no Authorization
+header is sent (local servers without auth). In the DAG it comes from an Airflow connection, resolved
+at the edge by ``tasks.connections.credentials_from_airflow_connection`` (Airflow masks its password in
+task logs). The client sends the key only in the ``Authorization`` header; it is not in ``repr``, our
+log lines or exception messages (error bodies that echo it are scrubbed).
 """
 
 from __future__ import annotations
@@ -39,17 +50,17 @@ import logging
 import math
 import os
 import random
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from datetime import UTC
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
+import openai
 
-from dashclip_core.labeling.base import LABELS, LabelRequest, LabelResult
+from dashclip_core.labeling.base import LABELS, PRODUCT_FIELDS, LabelRequest, LabelResult
 from dashclip_core.labeling.prompt import (
     LABEL_MEANINGS,
     PROMPT_VERSION,
@@ -65,15 +76,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = frozenset({408, 429})  # plus every 5xx
 BATCH_TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+FINE_TUNE_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 BATCH_ENDPOINT = "/v1/chat/completions"
 MAX_BATCH_REQUESTS = 50_000  # OpenAI Batch API limit per input file
-_PRODUCT_FIELDS = ("title", "description", "category", "aisle")
+# openai.OpenAI refuses to start without a key; with none, every call omits the Authorization header instead.
+_NO_KEY = "no-key"
+
+T = TypeVar("T")
 
 
 class OpenAIAPIError(RuntimeError):
-    """An HTTP call failed for good (not retryable, or retries exhausted); carries no request headers.
+    """An API call failed for good (not retryable, or retries exhausted); carries no request headers.
 
     Attributes:
         status_code: the HTTP status, or None for a timeout / connection error.
@@ -96,26 +110,11 @@ class FineTuneFailed(RuntimeError):
     """The fine-tuning job ended failed or cancelled; the message has the job's error."""
 
 
-class _Secret:
-    """Holds the API key so that repr(), vars() and debuggers show '***'."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str | None) -> None:
-        self._value = value
-
-    def get(self) -> str | None:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "'***'" if self._value else "None"
-
-
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (delta seconds or an HTTP date), else None.
 
     Args:
-        headers: response headers (case-insensitive mapping, e.g. ``httpx.Headers``).
+        headers: response headers (case-insensitive mapping, e.g. ``httpx2.Headers``).
         now: the current Unix time for HTTP dates (tests pin it); defaults to ``time.time()``.
     """
     ms = headers.get("retry-after-ms")
@@ -143,7 +142,8 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def base_url_from_connection(host: str | None, schema: str | None = None, port: int | None = None, extra: Mapping | None = None) -> str:
+def base_url_from_connection(host: str | None, schema: str | None = None, port: int | None = None,
+                             extra: Mapping | None = None) -> str:
     """The API base URL (ending in e.g. ``/v1``) from Airflow connection fields.
 
     ``host`` may be a full URL (``https://api.openai.com/v1``) or a bare host name; ``schema`` is the
@@ -163,20 +163,42 @@ def base_url_from_connection(host: str | None, schema: str | None = None, port: 
     return urlunsplit((parts.scheme, netloc, "/" + path.strip("/"), "", ""))
 
 
-def credentials_from_airflow_connection(conn_id: str) -> tuple[str, str | None]:
-    """``(base_url, api_key)`` from an Airflow connection: host/schema/port → URL, password → key.
+@dataclass(frozen=True)
+class Backoff:
+    """How long to wait before retry ``attempt`` (0-based): the server's Retry-After, else full jitter.
 
-    Airflow is imported here, not at module level: ``dashclip_core`` runs without it.
-    Example: ``AIRFLOW_CONN_OPENAI_LABELER='{"conn_type": "http", "host": "api.openai.com", "schema": "https",
-    "password": "sk-..."}'`` gives ``("https://api.openai.com/v1", "sk-...")``.
+    Args:
+        base: first backoff ceiling in seconds; attempt k waits U(0, min(cap, base * 2**k)).
+        cap: the longest single wait, ``Retry-After`` included.
     """
-    try:
-        from airflow.sdk import BaseHook  # Airflow 3
-    except ImportError:  # Airflow 2
-        from airflow.hooks.base import BaseHook
 
-    conn = BaseHook.get_connection(conn_id)
-    return base_url_from_connection(conn.host, conn.schema, conn.port, conn.extra_dejson), (conn.password or None)
+    base: float
+    cap: float
+
+    def delay(self, attempt: int, headers: Mapping[str, str] | None = None) -> float:
+        retry_after = parse_retry_after(headers) if headers is not None else None
+        if retry_after is not None:
+            return min(retry_after, self.cap)
+        return random.uniform(0.0, min(self.cap, self.base * 2.0 ** min(attempt, 64)))
+
+
+class _OpenAI(openai.OpenAI):
+    """``openai.OpenAI`` whose waits between its own retries follow :class:`Backoff`.
+
+    The client has no public setting for its backoff (0.5 s doubling to 8 s, Retry-After honoured up to
+    2 min); ``_calculate_retry_timeout`` is the one hook its retry loop calls for the wait, so only the
+    wait is replaced and the decision what to retry stays the client's. A copy made by ``with_options``
+    has no ``backoff`` and keeps the client's own waits.
+    """
+
+    def __init__(self, *, backoff: Backoff | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.backoff = backoff
+
+    def _calculate_retry_timeout(self, remaining_retries: int, options: Any, response_headers: Any = None) -> float:
+        if self.backoff is None:
+            return super()._calculate_retry_timeout(remaining_retries, options, response_headers)
+        return self.backoff.delay(self.max_retries - remaining_retries, response_headers)
 
 
 def _answer_from_completion(completion: Mapping) -> tuple[int, str]:
@@ -198,6 +220,11 @@ def _usage(completion: Mapping) -> tuple[int, int]:
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
+def _retryable(status_code: int | None) -> bool:
+    """Worth another try: a timeout / dropped connection (no status), 408, 429 or 5xx."""
+    return status_code is None or status_code in (408, 429) or status_code >= 500
+
+
 class OpenAICompatibleLabeler:
     """Grades pairs with a chat model behind an OpenAI-compatible API (implements ``Labeler``).
 
@@ -207,16 +234,15 @@ class OpenAICompatibleLabeler:
         api_key: bearer token; None reads ``OPENAI_API_KEY``; if both are missing no Authorization header is sent
             (local servers without auth).
         concurrency: chat completions in flight at once in :meth:`label`.
-        max_retries: retries per HTTP call on 408/429/5xx/timeouts/connection errors, and extra attempts per pair
-            for malformed answers and refusals.
-        backoff_base: first backoff ceiling in seconds; attempt k waits U(0, min(backoff_max, backoff_base * 2**k)).
+        max_retries: the client's retries per API call (408/409/429/5xx/timeouts/connection errors), and extra
+            attempts per pair for malformed answers and refusals.
+        backoff_base: first backoff ceiling in seconds; retry k waits U(0, min(backoff_max, backoff_base * 2**k)).
         backoff_max: cap on any single wait, ``Retry-After`` included.
         timeout: seconds per HTTP request (connect, write, read each).
         prompt_version: the prompt sent and recorded in ``labeler_id``; must be a version ``prompt.py`` knows.
-        client: an ``httpx.Client`` to use (not closed by :meth:`close`); by default one is created.
 
     Raises:
-        ValueError: a non-positive concurrency, negative retries or backoff, or an unknown prompt version.
+        ValueError: a non-positive concurrency or timeout, negative retries or backoff, or an unknown prompt version.
     """
 
     def __init__(
@@ -231,7 +257,6 @@ class OpenAICompatibleLabeler:
         backoff_max: float = 30.0,
         timeout: float = 30.0,
         prompt_version: str = PROMPT_VERSION,
-        client: httpx.Client | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -243,30 +268,27 @@ class OpenAICompatibleLabeler:
         self.model = model
         self.concurrency = concurrency
         self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
+        self.backoff = Backoff(backoff_base, backoff_max)
         self.timeout = timeout
         self.prompt_version = prompt_version
         self.labeler_id = f"openai:{model}:{prompt_version}"
-        self._api_key = _Secret(api_key or os.environ.get("OPENAI_API_KEY") or None)
-        self._owns_client = client is None
-        self._client = client or httpx.Client(
-            timeout=timeout, limits=httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-        )
-        self._rng = random.Random()
-        self._sleep = time.sleep
-        # After a 429 every worker waits until this monotonic time, so a rate limit does not become a retry storm.
-        self._pause_until = 0.0
-        self._pause_lock = threading.Lock()
+        key = api_key or os.environ.get("OPENAI_API_KEY") or None
+        self._has_key = key is not None
+        # Sent with every call: None keeps the client's Authorization header, Omit() drops it when there is no key.
+        self._extra_headers = None if self._has_key else {"Authorization": openai.Omit()}
+        self._client = _OpenAI(base_url=self.base_url, api_key=key or _NO_KEY, max_retries=max_retries,
+                               timeout=timeout, backoff=self.backoff)
+        # Creating a batch or a job must not be retried blindly (see _create_once); same connection pool.
+        self._client_no_retry = self._client.with_options(max_retries=0)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, api_key={self._api_key!r}, "
-                f"concurrency={self.concurrency}, max_retries={self.max_retries}, prompt_version={self.prompt_version!r})")
+        return (f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, "
+                f"api_key={'***' if self._has_key else None!r}, concurrency={self.concurrency}, "
+                f"max_retries={self.max_retries}, prompt_version={self.prompt_version!r})")
 
     def close(self) -> None:
-        """Close the HTTP client if this labeler created it."""
-        if self._owns_client:
-            self._client.close()
+        """Close the client's connection pool."""
+        self._client.close()
 
     def __enter__(self) -> Self:
         return self
@@ -274,105 +296,85 @@ class OpenAICompatibleLabeler:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ HTTP with the retry policy
-
-    def _headers(self) -> dict[str, str]:
-        key = self._api_key.get()
-        return {"Authorization": f"Bearer {key}"} if key else {}
+    # ------------------------------------------------------------------ calls through the client
 
     def _scrub(self, text: str) -> str:
-        key = self._api_key.get()
-        return text.replace(key, "***") if key else text
+        return text.replace(self._client.api_key, "***") if self._has_key else text
 
-    def _status_error(self, method: str, path: str, response: httpx.Response) -> OpenAIAPIError:
-        try:
-            detail = response.json().get("error") or {}
-            detail = detail.get("message") if isinstance(detail, Mapping) else str(detail)
-        except (ValueError, AttributeError):
-            detail = None
-        detail = self._scrub(str(detail or response.text or response.reason_phrase)[:300])
-        cls = AuthenticationError if response.status_code in (401, 403) else OpenAIAPIError
-        return cls(f"{method} {path}: HTTP {response.status_code}: {detail}", response.status_code)
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self.backoff_max)
-        return self._rng.uniform(0.0, min(self.backoff_max, self.backoff_base * 2**attempt))
-
-    def _wait_for_pause(self) -> None:
-        with self._pause_lock:
-            delay = self._pause_until - time.monotonic()
-        if delay > 0:
-            self._sleep(delay)
-
-    def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json_body: dict | None = None,
-        files: dict | None = None,
-        data: dict | None = None,
-        params: dict | None = None,
-        reconcile: Callable[[], dict | None] | None = None,
-    ) -> httpx.Response:
-        """Send one API call with the retry policy; return the 2xx response.
+    def _api_error(self, exc: openai.APIError, attempts: int | None = None) -> OpenAIAPIError:
+        """Our error for a client error: method, path, status and the server's message, without the key.
 
         Args:
-            reconcile: for calls that create a paid object; after an ambiguous failure (anything but
-                a 429) it looks the object up and, when found, its JSON is returned instead of a retry.
+            attempts: requests sent; None reads it from the last request's ``x-stainless-retry-count``.
+        """
+        request = exc.request
+        if attempts is None:
+            attempts = int(request.headers.get("x-stainless-retry-count") or 0) + 1
+        status = getattr(exc, "status_code", None)
+        if isinstance(exc, openai.APIStatusError):
+            detail = exc.body.get("message") if isinstance(exc.body, Mapping) else exc.body
+            detail = f"HTTP {status}: {str(detail or exc.response.reason_phrase)[:300]}"
+        else:  # timeout, connection error, unparsable 2xx
+            cause = exc.__cause__
+            detail = f"{type(exc).__name__}: {exc.message}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+        message = f"{request.method} {request.url.path}: {detail}"
+        if attempts > 1:
+            message += f" (gave up after {attempts} attempts)"
+        cls = AuthenticationError if status in (401, 403) else OpenAIAPIError
+        return cls(self._scrub(message)[:600], status)
+
+    def _call(self, method: Callable[..., T], **kwargs: Any) -> T:
+        """One client call (with its retries) with our Authorization override.
 
         Raises:
             AuthenticationError: 401/403.
-            OpenAIAPIError: a non-retryable status, or the last error once ``max_retries`` retries are spent.
+            OpenAIAPIError: a non-retryable status, or the last error once the client's retries are spent.
         """
-        url = f"{self.base_url}{path}"
+        try:
+            return method(**kwargs, extra_headers=self._extra_headers)
+        except openai.APIError as exc:
+            raise self._api_error(exc) from None
+
+    def _create_once(self, create: Callable[..., T], find: Callable[[], T | None], **kwargs: Any) -> T:
+        """Create a paid object (batch, fine-tuning job) without creating it twice.
+
+        The client's own retry would send the create again after a timeout, a dropped connection or a 5xx,
+        when the server may already have created it; so ``create`` runs without client retries, and after
+        such a failure ``find`` looks the object up and it is reused when found. A 429 means nothing was
+        created: it is simply retried after the wait.
+
+        Raises:
+            AuthenticationError: 401/403.
+            OpenAIAPIError: a non-retryable status, or the last error after ``max_retries`` retries.
+        """
         attempt = 0
         while True:
-            self._wait_for_pause()
-            retry_after = None
-            rate_limited = False
             try:
-                response = self._client.request(method, url, json=json_body, files=files, data=data, params=params,
-                                                headers=self._headers(), timeout=self.timeout)
-            except httpx.TransportError as exc:  # timeouts, refused/reset connections, protocol errors
-                error = OpenAIAPIError(f"{method} {path}: {type(exc).__name__}: {self._scrub(str(exc))[:200]}")
-            else:
-                if response.is_success:
-                    return response
-                error = self._status_error(method, path, response)
-                if response.status_code not in RETRYABLE_STATUS and response.status_code < 500:
-                    raise error
-                retry_after = parse_retry_after(response.headers)
-                rate_limited = response.status_code == 429
-            if attempt >= self.max_retries:
-                raise OpenAIAPIError(f"{error} (gave up after {attempt + 1} attempts)", error.status_code)
-            delay = self._backoff(attempt, retry_after)
-            if rate_limited:
-                with self._pause_lock:
-                    self._pause_until = max(self._pause_until, time.monotonic() + delay)
-            logger.warning("%s; retry %d/%d in %.2f s", error, attempt + 1, self.max_retries, delay)
-            self._sleep(delay)
+                return create(**kwargs, extra_headers=self._extra_headers)
+            except (openai.APIStatusError, openai.APIConnectionError) as exc:  # APITimeoutError is an APIConnectionError
+                status = getattr(exc, "status_code", None)
+                if not _retryable(status) or attempt >= self.max_retries:
+                    raise self._api_error(exc, attempts=attempt + 1) from None
+                delay = self.backoff.delay(attempt, exc.response.headers if status is not None else None)
+                logger.warning("%s; retry %d/%d in %.2f s", self._api_error(exc, attempts=1), attempt + 1,
+                               self.max_retries, delay)
+            time.sleep(delay)
             attempt += 1
-            if reconcile is not None and not rate_limited:
-                found = reconcile()
+            if status != 429:
+                found = find()
                 if found is not None:
-                    logger.info("%s %s: the earlier attempt had succeeded (found %s); not creating it again",
-                                method, path, found.get("id"))
-                    return httpx.Response(200, json=found)
+                    logger.info("the earlier attempt had created %s; not creating it again", getattr(found, "id", found))
+                    return found
 
-    def _find_in_list(self, path: str, field: str, value: str) -> dict | None:
-        """The newest object of a list endpoint (``/batches``, ``/fine_tuning/jobs``) whose ``field`` equals ``value``."""
-        for item in self._request("GET", path, params={"limit": 100}).json().get("data") or []:
-            if item.get(field) == value:
-                return item
-        return None
+    def _find_in_list(self, list_method: Callable[..., Any], field: str, value: str) -> Any | None:
+        """The newest object on the first page of a list call (batches, fine-tuning jobs) whose ``field`` is ``value``."""
+        page = self._call(list_method, limit=100)
+        return next((item for item in page.data if getattr(item, field, None) == value), None)
 
     def _upload(self, content: bytes, purpose: str, filename: str) -> str:
-        files = {"file": (filename, content, "application/jsonl")}
-        file_id = self._request("POST", "/files", files=files, data={"purpose": purpose}).json()["id"]
-        logger.info("uploaded %s (%d bytes, purpose %s) as %s", filename, len(content), purpose, file_id)
-        return file_id
+        uploaded = self._call(self._client.files.create, file=(filename, content, "application/jsonl"), purpose=purpose)
+        logger.info("uploaded %s (%d bytes, purpose %s) as %s", filename, len(content), purpose, uploaded.id)
+        return uploaded.id
 
     # ------------------------------------------------------------------ online labelling
 
@@ -396,14 +398,17 @@ class OpenAICompatibleLabeler:
         problem = ""
         for _ in range(self.max_retries + 1):
             try:
-                completion = self._request("POST", "/chat/completions", json_body=body).json()
+                completion = self._call(self._client.chat.completions.create, **body)
             except AuthenticationError:
                 raise
             except OpenAIAPIError as exc:
                 return self._result(request, None, str(exc), (paid_in, paid_out))
-            except ValueError:  # 2xx whose body is not JSON
+            except ValueError:  # a 2xx with a JSON content type whose body is not JSON
+                completion = None
+            if not isinstance(completion, openai.BaseModel):  # the client returns the text of a non-JSON 2xx as is
                 problem = "response body is not JSON"
                 continue
+            completion = completion.to_dict()
             tokens_in, tokens_out = _usage(completion)
             paid_in, paid_out = paid_in + tokens_in, paid_out + tokens_out
             try:
@@ -463,6 +468,8 @@ class OpenAICompatibleLabeler:
 
         Raises:
             ValueError: no requests, or more than ``MAX_BATCH_REQUESTS`` distinct pairs (use :meth:`label_via_batch`).
+            AuthenticationError: the key was rejected.
+            OpenAIAPIError: the upload or the creation failed for good.
         """
         content = self.batch_input_jsonl(requests)
         n = content.count(b"\n")
@@ -472,15 +479,16 @@ class OpenAICompatibleLabeler:
             raise ValueError(f"submit_batch: {n} pairs exceed the Batch API limit of {MAX_BATCH_REQUESTS} per batch; "
                              "split them (label_via_batch does)")
         file_id = self._upload(content, "batch", "dashclip-labels.jsonl")
-        body = {"input_file_id": file_id, "endpoint": BATCH_ENDPOINT, "completion_window": "24h",
-                "metadata": {"labeler_id": self.labeler_id}}
-        batch = self._request("POST", "/batches", json_body=body,
-                              reconcile=lambda: self._find_in_list("/batches", "input_file_id", file_id)).json()
-        logger.info("batch %s created for %d pairs (%s)", batch["id"], n, self.labeler_id)
-        return batch["id"]
+        batch = self._create_once(self._client_no_retry.batches.create,
+                                  lambda: self._find_in_list(self._client.batches.list, "input_file_id", file_id),
+                                  input_file_id=file_id, endpoint=BATCH_ENDPOINT, completion_window="24h",
+                                  metadata={"labeler_id": self.labeler_id})
+        logger.info("batch %s created for %d pairs (%s)", batch.id, n, self.labeler_id)
+        return batch.id
 
-    def _poll(self, path: str, what: str, finished, poll_interval: float, timeout: float, still_running: str = "") -> dict:
-        """GET ``path`` every ``poll_interval`` s until ``finished(status)``; return the object (status changes are logged).
+    def _poll(self, retrieve: Callable[[], T], what: str, finished: Callable[[str], bool], poll_interval: float,
+              timeout: float, still_running: str = "") -> T:
+        """Call ``retrieve`` every ``poll_interval`` s until ``finished(obj.status)``; return the object.
 
         Raises:
             TimeoutError: still not finished after ``timeout`` seconds.
@@ -488,26 +496,29 @@ class OpenAICompatibleLabeler:
         deadline = time.monotonic() + timeout
         last_status = None
         while True:
-            obj = self._request("GET", path).json()
-            status = obj.get("status")
+            obj = retrieve()
+            status = obj.status
             if status != last_status:
-                logger.info("%s: %s %s", what, status, obj.get("request_counts") or "")
+                logger.info("%s: %s %s", what, status, getattr(obj, "request_counts", None) or "")
                 last_status = status
             if finished(status):
                 return obj
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"{what} is still {status!r} after {timeout:.0f} s{still_running}")
-            self._sleep(min(poll_interval, remaining))
+            time.sleep(min(poll_interval, remaining))
 
     def poll_batch(self, batch_id: str, poll_interval: float = 60.0, timeout: float = 25 * 3600.0) -> dict:
-        """Wait until the batch is completed, failed, expired or cancelled; return the batch object.
+        """Wait until the batch is completed, failed, expired or cancelled; return the batch object as a dict.
 
         Raises:
             TimeoutError: still running after ``timeout`` seconds (the batch keeps running; poll again later).
+            OpenAIAPIError: a poll failed for good.
         """
-        return self._poll(f"/batches/{batch_id}", f"batch {batch_id}", BATCH_TERMINAL.__contains__, poll_interval, timeout,
-                          still_running="; it keeps running, poll it again later")
+        batch = self._poll(lambda: self._call(self._client.batches.retrieve, batch_id=batch_id), f"batch {batch_id}",
+                           BATCH_TERMINAL.__contains__, poll_interval, timeout,
+                           still_running="; it keeps running, poll it again later")
+        return batch.to_dict()
 
     def batch_results(self, batch_id: str, requests: Iterable[LabelRequest]) -> Iterator[LabelResult]:
         """One result per request from a finished batch's output and error files.
@@ -517,17 +528,17 @@ class OpenAICompatibleLabeler:
 
         Raises:
             ValueError: the batch is not finished yet.
+            OpenAIAPIError: reading the batch or its files failed for good.
         """
-        batch = self._request("GET", f"/batches/{batch_id}").json()
-        status = batch.get("status")
-        if status not in BATCH_TERMINAL:
-            raise ValueError(f"batch {batch_id} is {status!r}, not finished; call poll_batch first")
+        batch = self._call(self._client.batches.retrieve, batch_id=batch_id)
+        if batch.status not in BATCH_TERMINAL:
+            raise ValueError(f"batch {batch_id} is {batch.status!r}, not finished; call poll_batch first")
         records: dict[str, dict] = {}
         for key in ("error_file_id", "output_file_id"):  # output last: it wins if a pair is in both
-            file_id = batch.get(key)
+            file_id = getattr(batch, key)
             if not file_id:
                 continue
-            content = self._request("GET", f"/files/{file_id}/content").content
+            content = self._call(self._client.files.content, file_id=file_id).content
             for i, line in enumerate(content.decode("utf-8").splitlines()):
                 if not line.strip():
                     continue
@@ -536,8 +547,9 @@ class OpenAICompatibleLabeler:
                     records[record["custom_id"]] = record
                 except (ValueError, KeyError, TypeError):
                     logger.warning("batch %s: %s line %d is not a batch result; its pair will fail", batch_id, key, i + 1)
-        errors = (batch.get("errors") or {}).get("data") or []
-        missing = f"not in the output of batch {batch_id} ({status}" + (f": {errors[0].get('message')}" if errors else "") + ")"
+        errors = (batch.errors.data if batch.errors else None) or []
+        missing = (f"not in the output of batch {batch_id} ({batch.status}"
+                   + (f": {errors[0].message}" if errors else "") + ")")
         for request in requests:
             record = records.get(self.custom_id(request))
             yield self._result(request, None, missing, (0, 0)) if record is None else self._batch_line_result(request, record)
@@ -560,7 +572,12 @@ class OpenAICompatibleLabeler:
 
     def label_via_batch(self, requests: Iterable[LabelRequest], poll_interval: float = 60.0,
                         timeout: float = 25 * 3600.0) -> Iterator[LabelResult]:
-        """Submit, poll and read back through the Batch API (split into batches of ``MAX_BATCH_REQUESTS``)."""
+        """Submit, poll and read back through the Batch API (split into batches of ``MAX_BATCH_REQUESTS``).
+
+        Raises:
+            TimeoutError: a batch is still running after ``timeout`` seconds.
+            OpenAIAPIError: an API call failed for good.
+        """
         requests = list(requests)
         chunks = [requests[i : i + MAX_BATCH_REQUESTS] for i in range(0, len(requests), MAX_BATCH_REQUESTS)]
         batch_ids = [self.submit_batch(chunk) for chunk in chunks]  # all submitted first: they run in parallel
@@ -590,7 +607,7 @@ class OpenAICompatibleLabeler:
             if isinstance(label, bool) or label not in LABELS:
                 raise ValueError(f"fine_tuning_jsonl: row {i} (query {row['query']!r}): label {label!r} is not one of {LABELS}")
             request = LabelRequest(query=str(row["query"]), product_id=str(row.get("product_id", "")),
-                                   **{f: row.get(f) if isinstance(row.get(f), str) else None for f in _PRODUCT_FIELDS})
+                                   **{f: row.get(f) if isinstance(row.get(f), str) else None for f in PRODUCT_FIELDS})
             reason = row.get("reason") if isinstance(row.get("reason"), str) else LABEL_MEANINGS[int(label)]
             messages = build_messages(request, self.prompt_version)
             messages.append({"role": "assistant", "content": answer_json(int(label), reason)})
@@ -598,13 +615,18 @@ class OpenAICompatibleLabeler:
         return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
 
     def start_fine_tune(self, training_bytes: bytes, base_model: str, suffix: str) -> str:
-        """Upload the training file and create a fine-tuning job; return the job id."""
+        """Upload the training file and create a fine-tuning job; return the job id.
+
+        Raises:
+            AuthenticationError: the key was rejected.
+            OpenAIAPIError: the upload or the creation failed for good.
+        """
         file_id = self._upload(training_bytes, "fine-tune", "dashclip-human-labels.jsonl")
-        body = {"training_file": file_id, "model": base_model, "suffix": suffix}
-        job = self._request("POST", "/fine_tuning/jobs", json_body=body,
-                            reconcile=lambda: self._find_in_list("/fine_tuning/jobs", "training_file", file_id)).json()
-        logger.info("fine-tuning job %s: %s on %s", job["id"], base_model, file_id)
-        return job["id"]
+        job = self._create_once(self._client_no_retry.fine_tuning.jobs.create,
+                                lambda: self._find_in_list(self._client.fine_tuning.jobs.list, "training_file", file_id),
+                                training_file=file_id, model=base_model, suffix=suffix)
+        logger.info("fine-tuning job %s: %s on %s", job.id, base_model, file_id)
+        return job.id
 
     def wait_fine_tune(self, job_id: str, poll_interval: float = 60.0, timeout: float = 48 * 3600.0) -> str:
         """Wait for the job to succeed; return its ``fine_tuned_model`` id.
@@ -612,10 +634,12 @@ class OpenAICompatibleLabeler:
         Raises:
             FineTuneFailed: the job failed or was cancelled (with the job's error).
             TimeoutError: still running after ``timeout`` seconds.
+            OpenAIAPIError: a poll failed for good.
         """
-        job = self._poll(f"/fine_tuning/jobs/{job_id}", f"fine-tuning job {job_id}", lambda st: st in ("succeeded", "failed", "cancelled"),
-                         poll_interval, timeout)
-        if job["status"] != "succeeded":
-            error = job.get("error") or {}
-            raise FineTuneFailed(f"fine-tuning job {job_id} {job['status']}: {error.get('code')}: {error.get('message')}")
-        return job["fine_tuned_model"]
+        job = self._poll(lambda: self._call(self._client.fine_tuning.jobs.retrieve, fine_tuning_job_id=job_id),
+                         f"fine-tuning job {job_id}", FINE_TUNE_TERMINAL.__contains__, poll_interval, timeout)
+        if job.status != "succeeded":
+            error = job.error
+            raise FineTuneFailed(f"fine-tuning job {job_id} {job.status}: {getattr(error, 'code', None)}: "
+                                 f"{getattr(error, 'message', None)}")
+        return job.fine_tuned_model

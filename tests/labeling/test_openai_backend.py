@@ -22,7 +22,6 @@ from dashclip_core.labeling.openai_backend import (
     FineTuneFailed,
     OpenAICompatibleLabeler,
     base_url_from_connection,
-    credentials_from_airflow_connection,
     parse_retry_after,
 )
 from dashclip_core.labeling.prompt import (
@@ -398,12 +397,6 @@ def test_base_url_from_connection_fields():
     assert base_url_from_connection("gw.example.com", extra={"base_path": "/openai/v1"}) == "https://gw.example.com/openai/v1"
     with pytest.raises(ValueError, match="no host"):
         base_url_from_connection(None)
-
-
-def test_credentials_from_airflow_connection(monkeypatch):
-    conn = {"conn_type": "http", "host": "llm.internal", "schema": "http", "port": 8443, "password": KEY}
-    monkeypatch.setenv("AIRFLOW_CONN_DASHCLIP_LLM_TEST", json.dumps(conn))
-    assert credentials_from_airflow_connection("dashclip_llm_test") == ("http://llm.internal:8443/v1", KEY)
 
 
 def test_constructor_validates_arguments():
