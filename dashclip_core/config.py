@@ -67,7 +67,7 @@ class LabelingConfig:
     min_class_fraction: float = 0.02  # gate: each label value must be at least this share of all labels
     max_class_fraction: float = 0.95  # gate: no label value may exceed this share
     min_teacher_macro_f1: float = 0.0  # gate: macro-F1 over grades 0/1/2 on held-out human labels (0 = not checked)
-    # Who grades the candidate pairs (labeling/pipeline.py): "softmax" | "cross_encoder" (offline MiniLM teachers) |
+    # Who grades the candidate pairs (labeling/build.py): "softmax" | "cross_encoder" (offline MiniLM teachers) |
     # "openai" (a chat model behind any OpenAI-compatible API).
     labeler: str = "softmax"
     cross_encoder_epochs: int = 4

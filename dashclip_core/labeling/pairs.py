@@ -13,8 +13,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from dashclip_core.config import LabelingConfig
 from dashclip_core.baselines.bm25 import BM25Index
+from dashclip_core.config import LabelingConfig
 from dashclip_core.labeling.teacher import teacher_text
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,10 @@ scale; this module is that check for any :class:`~dashclip_core.labeling.base.La
   matrix (rows = human grade, columns = teacher grade) of aligned label arrays.
 - :func:`evaluate_teacher`: labels held-out human pairs through the Labeler interface and scores them; a failed
   (or missing) result counts as wrong and is reported as ``n_failed``.
-- :func:`check_quality`: raises :class:`QualityGateError` naming every threshold that is not met.
-- :func:`write_quality_report`: ``teacher_quality.json`` + ``teacher_confusion.png`` for the run directory / MLflow.
+- :func:`check_quality`: raises :class:`~dashclip_core.labeling.errors.QualityGateError` naming every threshold
+  that is not met; :func:`gate_thresholds` reads the thresholds from the config.
+- :func:`write_quality_report`: the JSON report and the confusion-matrix PNG (file names from
+  :class:`dashclip_core.layout.Labels`) for the step folder / MLflow.
 
 Only numpy and pandas at import; matplotlib is imported when the PNG is drawn.
 """
@@ -24,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dashclip_core.labeling.base import LABELS, Labeler, LabelRequest
+from dashclip_core.config import LabelingConfig
+from dashclip_core.labeling.base import LABELS, PRODUCT_FIELDS, Labeler, LabelRequest
+from dashclip_core.labeling.errors import QualityGateError
+from dashclip_core.layout import Labels
 
 logger = logging.getLogger(__name__)
 
-QUALITY_JSON = "teacher_quality.json"
-CONFUSION_PNG = "teacher_confusion.png"
-_PRODUCT_FIELDS = ("title", "description", "category", "aisle")
+TEACHER_METRICS = ("accuracy", "kappa", "macro_f1")  # what the gate checks (and what is logged as teacher/<name>)
 
 
 def teacher_quality(y_true: Sequence[int], y_pred: Sequence[int | None], labels: Sequence[int] = LABELS) -> dict:
@@ -40,7 +43,7 @@ def teacher_quality(y_true: Sequence[int], y_pred: Sequence[int | None], labels:
     recall of its true class, and counts in ``n_invalid``. It sits in no column of the confusion matrix. Kappa
     treats it as an extra "failed" category that no human chose: with C the (K, K+1) table,
     p_o = trace / n, p_e = sum_k rows_k * cols_k / n^2, kappa = (p_o - p_e) / (1 - p_e) (Cohen 1960, Eq. 1);
-    with no failures this is the usual kappa (``teacher.cohen_kappa``).
+    with no failures this is the usual kappa.
     F1 of a class with no true and no predicted pair is 0 (scikit-learn's ``zero_division=0``).
 
     Args:
@@ -108,20 +111,6 @@ def _as_label(v) -> int | None:
         return None
 
 
-class QualityGateError(ValueError):
-    """The teacher's agreement with held-out human labels is below a threshold (retrying will not help).
-
-    Attributes:
-        failures: one "metric value < min_metric threshold" string per failed threshold.
-        report: the quality dict that was checked.
-    """
-
-    def __init__(self, message: str, failures: list[str], report: dict) -> None:
-        super().__init__(message)
-        self.failures = failures
-        self.report = report
-
-
 def check_quality(report: dict, min_accuracy: float | None = None, min_kappa: float | None = None,
                   min_macro_f1: float | None = None) -> dict:
     """Gate a quality report; a threshold left at None is not checked. A NaN metric fails its threshold.
@@ -134,7 +123,7 @@ def check_quality(report: dict, min_accuracy: float | None = None, min_kappa: fl
             "teacher quality gate failed on 312 held-out pairs: kappa 0.213 < min_kappa 0.4".
     """
     failures = []
-    for metric, threshold in (("accuracy", min_accuracy), ("kappa", min_kappa), ("macro_f1", min_macro_f1)):
+    for metric, threshold in zip(TEACHER_METRICS, (min_accuracy, min_kappa, min_macro_f1)):
         if threshold is None:
             continue
         value = report.get(metric, float("nan"))
@@ -145,6 +134,12 @@ def check_quality(report: dict, min_accuracy: float | None = None, min_kappa: fl
         raise QualityGateError(f"teacher quality gate failed on {report.get('n', '?')} held-out pairs{extra}: "
                                + "; ".join(failures), failures, report)
     return report
+
+
+def gate_thresholds(cfg: LabelingConfig) -> dict[str, float | None]:
+    """:func:`check_quality`'s keyword arguments from ``labeling.min_teacher_*`` (a macro-F1 minimum of 0 is not checked)."""
+    return {"min_accuracy": cfg.min_teacher_accuracy, "min_kappa": cfg.min_teacher_kappa,
+            "min_macro_f1": cfg.min_teacher_macro_f1 or None}
 
 
 def pairs_with_product_text(pairs: pd.DataFrame, products: pd.DataFrame) -> pd.DataFrame:
@@ -158,9 +153,9 @@ def pairs_with_product_text(pairs: pd.DataFrame, products: pd.DataFrame) -> pd.D
     missing = sorted(set(pairs["product_id"]) - set(products["product_id"]))
     if missing:
         raise ValueError(f"{len(missing)} labelled product_id(s) are not in the products table, e.g. {missing[:5]}")
-    fields = products[["product_id", *[f for f in _PRODUCT_FIELDS if f in products.columns]]]
-    out = pairs.drop(columns=[f for f in _PRODUCT_FIELDS if f in pairs.columns]).merge(fields, on="product_id", how="left")
-    for f in _PRODUCT_FIELDS:
+    fields = products[["product_id", *[f for f in PRODUCT_FIELDS if f in products.columns]]]
+    out = pairs.drop(columns=[f for f in PRODUCT_FIELDS if f in pairs.columns]).merge(fields, on="product_id", how="left")
+    for f in PRODUCT_FIELDS:
         if f not in out.columns:
             out[f] = None
     return out
@@ -187,7 +182,7 @@ def evaluate_teacher(teacher: Labeler, held_out: pd.DataFrame) -> dict:
             continue
         seen.add(key)
         requests.append(LabelRequest(query=key[0], product_id=key[1],
-                                     **{f: r[f] if isinstance(r.get(f), str) else None for f in _PRODUCT_FIELDS}))
+                                     **{f: r[f] if isinstance(r.get(f), str) else None for f in PRODUCT_FIELDS}))
     grade: dict[tuple[str, str], int | None] = {}
     for res in teacher.label(requests):  # results may come back in any order: match them by pair
         grade[(res.query, res.product_id)] = res.label if res.status == "ok" else None
@@ -202,7 +197,8 @@ def evaluate_teacher(teacher: Labeler, held_out: pd.DataFrame) -> dict:
 
 
 def write_quality_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``teacher_quality.json`` and ``teacher_confusion.png`` (counts, row-normalised colour) into ``out_dir``.
+    """Write the report as JSON and its confusion matrix as a PNG (counts, row-normalised colour) into ``out_dir``,
+    under the names of :class:`dashclip_core.layout.Labels` (``teacher_quality`` / ``teacher_confusion_png``).
 
     Returns:
         {"json": path, "confusion_png": path}, ready for ``mlflow.log_artifact``.
@@ -210,9 +206,9 @@ def write_quality_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / QUALITY_JSON
+    files = Labels(out_dir)
+    files.dir.mkdir(parents=True, exist_ok=True)
+    json_path = files.teacher_quality
     json_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=_json_default))
 
     cm = np.asarray(report["confusion"], np.float64)
@@ -235,7 +231,7 @@ def write_quality_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
                  fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the human grade's row")
     fig.tight_layout()
-    png_path = out / CONFUSION_PNG
+    png_path = files.teacher_confusion_png
     fig.savefig(png_path)
     return {"json": json_path, "confusion_png": png_path}
 

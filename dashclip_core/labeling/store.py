@@ -169,6 +169,13 @@ class LabelStore:
         df = df.drop_duplicates(["query", "product_id", "labeler_id"], keep="last").drop(columns="_ok")
         return df.sort_values(["labeler_id", "query", "product_id"], kind="stable").reset_index(drop=True)
 
+    def ok_labels(self, labeler_id: str):
+        """(query, product_id, label int8) of the pairs ``labeler_id`` graded ok, and how many pairs only ever failed."""
+        frame = self.read(labeler_id)  # one row per pair: its latest ok grade, else its latest failure
+        ok = frame[frame["status"] == "ok"]
+        labels = ok[["query", "product_id", "label"]].astype({"label": "int8"}).reset_index(drop=True)
+        return labels, int((frame["status"] == "failed").sum())
+
     def read_wide(self, labeler_ids: list[str] | None = None):
         """Ok labels of several labelers side by side: columns query, product_id, then one int8 column per labeler."""
         df = self.read()

@@ -1,23 +1,21 @@
 """Label gate: checks on the (query, product, label) set before training uses it.
 
-Three groups of checks, each reported with its figures:
+Two groups of checks, each reported with its figures:
 
 1. Great Expectations on ``labels.parquet`` (CONTRACTS.md, "Labels"): ``label`` in {0, 1, 2} and
    not null, ``query`` / ``product_id`` not null and not blank, one label per (query, product_id).
 2. Class balance: the share of each label value (0, 1, 2) lies in
    [``LabelingConfig.min_class_fraction``, ``LabelingConfig.max_class_fraction``]. A value that never
    occurs has share 0 and fails the lower bound.
-3. Teacher agreement on held-out human labels (``teacher_report.json``): ``accuracy >=
-   min_teacher_accuracy`` and Cohen's ``kappa >= min_teacher_kappa``.
 
-The gate passes when every check passes.
+The gate passes when every check passes. The teacher itself is gated once, earlier: the labelling step
+scores it on held-out human labels against ``labeling.min_teacher_*`` before it grades a single
+candidate (:func:`dashclip_core.labeling.step.run_labeling`), so labels from a bad teacher never reach here.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ import great_expectations.expectations as gxe
 import pandas as pd
 
 from dashclip_core.config import LabelingConfig
-from dashclip_core.validation.catalog_gate import BLANK, failing_summary, run_expectations, to_jsonable, write_report
+from dashclip_core.validation.expectations import BLANK, failing_summary, run_expectations, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -40,32 +38,29 @@ class LabelGateResult:
     """Outcome of :func:`validate_labels`.
 
     Attributes:
-        passed: every GX expectation, the class-balance check and the teacher check passed.
+        passed: every GX expectation and the class-balance check passed.
         summary: JSON-serialisable: ``n_rows``, ``label_counts``, ``label_fractions``,
             ``failing_expectations`` (GX, with a sample of bad ``query | product_id`` pairs),
-            ``class_balance`` and ``teacher`` (figures, bounds, passed) and ``failures`` (one
-            readable line per failed check).
+            ``class_balance`` (figures, bounds, passed) and ``failures`` (one readable line per
+            failed check).
     """
 
     passed: bool
     summary: dict[str, Any]
 
 
-def validate_labels(labels: pd.DataFrame, teacher_report: dict[str, Any], cfg: LabelingConfig) -> LabelGateResult:
-    """Validate a label set and the teacher that produced part of it.
+def validate_labels(labels: pd.DataFrame, cfg: LabelingConfig) -> LabelGateResult:
+    """Validate a label set (human + teacher labels).
 
     Args:
         labels: frame with at least ``query``, ``product_id`` and ``label`` (int 0/1/2).
-        teacher_report: contents of ``teacher_report.json``; needs ``accuracy`` and ``kappa``.
-        cfg: gate thresholds (``min_class_fraction``, ``max_class_fraction``,
-            ``min_teacher_accuracy``, ``min_teacher_kappa``).
+        cfg: gate thresholds (``min_class_fraction``, ``max_class_fraction``).
 
     Returns:
         A :class:`LabelGateResult`.
 
     Raises:
         ValueError: a required column is missing.
-        TypeError: the teacher report's ``accuracy`` or ``kappa`` is missing or not a number.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in labels.columns]
     if missing:
@@ -73,15 +68,6 @@ def validate_labels(labels: pd.DataFrame, teacher_report: dict[str, Any], cfg: L
             f"labels frame: missing column(s) {missing}; found {list(labels.columns)}; "
             f"expected at least {list(REQUIRED_COLUMNS)} (CONTRACTS.md, labels.parquet)"
         )
-    teacher = {}
-    for key in ("accuracy", "kappa"):
-        value = teacher_report.get(key)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real admits numpy scalars
-            raise TypeError(
-                f"teacher_report: key {key!r} is {value!r}; expected a number (CONTRACTS.md, teacher_report.json)"
-            )
-        teacher[key] = float(value)
-
     labels = labels.reset_index(drop=True)
     failures: list[str] = []
 
@@ -121,19 +107,6 @@ def validate_labels(labels: pd.DataFrame, teacher_report: dict[str, Any], cfg: L
             f"[{cfg.min_class_fraction}, {cfg.max_class_fraction}] (labeling.min_class_fraction / max_class_fraction)"
         )
 
-    # Step 3: teacher agreement with held-out human labels (NaN never passes).
-    teacher_ok = {
-        "accuracy": math.isfinite(teacher["accuracy"]) and teacher["accuracy"] >= cfg.min_teacher_accuracy,
-        "kappa": math.isfinite(teacher["kappa"]) and teacher["kappa"] >= cfg.min_teacher_kappa,
-    }
-    bounds = {"accuracy": cfg.min_teacher_accuracy, "kappa": cfg.min_teacher_kappa}
-    for key, ok in teacher_ok.items():
-        if not ok:
-            failures.append(
-                f"teacher: {key} {teacher[key]:.4f} on held-out human labels is below "
-                f"labeling.min_teacher_{key} = {bounds[key]}"
-            )
-
     passed = not failures
     summary = {
         "n_rows": len(labels),
@@ -146,24 +119,10 @@ def validate_labels(labels: pd.DataFrame, teacher_report: dict[str, Any], cfg: L
             "max_class_fraction": cfg.max_class_fraction,
             "failing_labels": [str(v) for v in balance_bad],
         },
-        "teacher": {
-            "passed": all(teacher_ok.values()),
-            "accuracy": teacher["accuracy"] if math.isfinite(teacher["accuracy"]) else None,
-            "kappa": teacher["kappa"] if math.isfinite(teacher["kappa"]) else None,
-            "min_teacher_accuracy": cfg.min_teacher_accuracy,
-            "min_teacher_kappa": cfg.min_teacher_kappa,
-            "n_holdout": to_jsonable(teacher_report.get("n_holdout")),
-        },
         "failures": failures,
     }
     if passed:
-        logger.info(
-            "label gate passed: %d labels, fractions %s, teacher accuracy %.3f kappa %.3f",
-            len(labels),
-            summary["label_fractions"],
-            teacher["accuracy"],
-            teacher["kappa"],
-        )
+        logger.info("label gate passed: %d labels, fractions %s", len(labels), summary["label_fractions"])
     else:
         logger.warning("label gate failed: %s", "; ".join(failures))
     return LabelGateResult(passed=passed, summary=summary)

@@ -146,7 +146,8 @@ def test_registered_pyfunc_reproduces_the_pipeline_eval(first_run, tiny_config):
     import pandas as pd
 
     from dashclip_core.config import PipelineConfig
-    from dashclip_core.evaluation.report import eval_judgments, score_model_uri
+    from dashclip_core.evaluation.pyfunc_scoring import score_model_uri
+    from dashclip_core.evaluation.report import eval_judgments
     from dashclip_core.storage import read_json
     from tasks.common import run_paths
 

@@ -258,6 +258,17 @@ def test_store_dedupe_keeps_latest_ok_then_latest_failed(tmp_path):
     assert got[("p1", "failed")][1] == pd.Timestamp(T0 + timedelta(hours=1))
 
 
+def test_ok_labels_keeps_the_latest_ok_grade_and_counts_pairs_that_only_failed(tmp_path):
+    store = LabelStore(tmp_path / "store")
+    lid = "counting-v1"
+    store.append([LabelResult("q", "p1", None, "failed", lid, reason="timeout"),
+                  LabelResult("q", "p2", None, "failed", lid, reason="malformed")], partition=lid)
+    store.append([LabelResult("q", "p1", 1, "ok", lid)], partition=lid)
+    labels, n_failed = store.ok_labels(lid)
+    assert labels.to_dict("records") == [{"query": "q", "product_id": "p1", "label": 1}]
+    assert str(labels["label"].dtype) == "int8" and n_failed == 1
+
+
 def test_store_keeps_labelers_side_by_side(tmp_path):
     store = LabelStore(tmp_path / "labels")
     reqs = _requests(5)

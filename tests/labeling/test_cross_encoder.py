@@ -16,7 +16,8 @@ import pytest
 
 from dashclip_core.labeling.base import Labeler, LabelRequest
 from dashclip_core.labeling.cross_encoder import CrossEncoderTeacher, FitParams, fine_tune_version
-from dashclip_core.labeling.quality import QualityGateError, check_quality, evaluate_teacher
+from dashclip_core.labeling.errors import QualityGateError
+from dashclip_core.labeling.quality import check_quality, evaluate_teacher
 
 AISLES = {
     "Dairy": ["whole milk", "greek yogurt", "cheddar cheese", "salted butter", "sour cream", "cottage cheese"],

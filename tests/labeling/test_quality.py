@@ -13,16 +13,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from dashclip_core.config import LabelingConfig
 from dashclip_core.labeling.base import Labeler, LabelRequest, LabelResult
+from dashclip_core.labeling.errors import LabelingError, QualityGateError
 from dashclip_core.labeling.quality import (
-    QualityGateError,
     check_quality,
     evaluate_teacher,
+    gate_thresholds,
     pairs_with_product_text,
     teacher_quality,
     write_quality_report,
 )
-from dashclip_core.labeling.teacher import cohen_kappa
+from dashclip_core.layout import Labels
 
 
 def _from_confusion(cm: list[list[int]]) -> tuple[list[int], list[int]]:
@@ -80,10 +82,17 @@ def test_bad_inputs_raise():
         teacher_quality([0, 3], [0, 1])
 
 
+def test_hand_computed_two_class_kappa_and_confusion():
+    # p_o = 3/4; marginals true (2, 2), pred (1, 3): p_e = (2*1 + 2*3) / 16 = 1/2; kappa = (3/4 - 1/2) / (1/2) = 1/2
+    assert teacher_quality([0, 0, 1, 1], [0, 1, 1, 1], labels=(0, 1))["kappa"] == pytest.approx(0.5)
+    assert teacher_quality([0, 1, 2], [0, 1, 2])["kappa"] == pytest.approx(1.0)
+    assert teacher_quality([2, 2, 0], [2, 1, 0])["confusion"] == [[1, 0, 0], [0, 0, 0], [0, 1, 1]]
+
+
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=1, max_size=60))
-def test_matches_scikit_learn_and_teacher_kappa(pairs):
+def test_matches_scikit_learn(pairs):
     from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score
 
     y_true, y_pred = (np.array(v) for v in zip(*pairs))
@@ -91,7 +100,6 @@ def test_matches_scikit_learn_and_teacher_kappa(pairs):
     assert report["confusion"] == confusion_matrix(y_true, y_pred, labels=[0, 1, 2]).tolist()
     assert report["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     assert report["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro", zero_division=0))
-    assert report["kappa"] == pytest.approx(cohen_kappa(y_true, y_pred), nan_ok=True)
     expected = cohen_kappa_score(y_true, y_pred, labels=[0, 1, 2])
     if np.isfinite(expected):  # scikit-learn returns nan where both raters use a single class; we return 1.0
         assert report["kappa"] == pytest.approx(expected)
@@ -111,10 +119,20 @@ def test_check_quality_names_each_failed_threshold():
         check_quality(teacher_quality([], []), min_kappa=0.1)
 
 
+def test_gate_thresholds_come_from_the_config_and_a_zero_macro_f1_is_not_checked():
+    cfg = LabelingConfig(min_teacher_accuracy=0.7, min_teacher_kappa=0.5)
+    assert gate_thresholds(cfg) == {"min_accuracy": 0.7, "min_kappa": 0.5, "min_macro_f1": None}
+    assert gate_thresholds(LabelingConfig(min_teacher_macro_f1=0.3))["min_macro_f1"] == 0.3
+    report = teacher_quality(*_from_confusion([[4, 1, 0], [2, 2, 1], [0, 1, 3]]))  # macro-F1 0.641
+    with pytest.raises(LabelingError):  # the gate's error is one of the labelling step's typed stops
+        check_quality(report, **gate_thresholds(LabelingConfig(min_teacher_macro_f1=0.7)))
+
+
 def test_write_quality_report_writes_json_and_a_valid_png(tmp_path):
     report = teacher_quality(*_from_confusion([[4, 1, 0], [2, 2, 1], [0, 1, 3]]))
     paths = write_quality_report(report, tmp_path / "quality")
-    assert paths["json"].name == "teacher_quality.json"
+    folder = Labels(tmp_path / "quality")  # the step folder's file names: one place knows them
+    assert (paths["json"], paths["confusion_png"]) == (folder.teacher_quality, folder.teacher_confusion_png)
     assert json.loads(paths["json"].read_text()) == report
     with Image.open(paths["confusion_png"]) as im:
         assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200

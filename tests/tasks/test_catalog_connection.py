@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tasks import steps
+from tasks.connections import sqlalchemy_url
 
 
 def test_extract_reads_catalog_through_airflow_connection(tiny_config, tmp_path, monkeypatch):
@@ -20,4 +21,4 @@ def test_sqlalchemy_url_from_postgres_connection(monkeypatch):
     from airflow.sdk import Connection
 
     monkeypatch.setenv("AIRFLOW_CONN_PG", "postgres://user:p%40ss@db.internal:5432/catalog")
-    assert steps.sqlalchemy_url(Connection.get("pg")) == "postgresql://user:p%40ss@db.internal:5432/catalog"
+    assert sqlalchemy_url(Connection.get("pg")) == "postgresql://user:p%40ss@db.internal:5432/catalog"
