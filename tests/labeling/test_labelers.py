@@ -13,14 +13,6 @@ from dashclip_core.labeling.cache import LabelCache
 from dashclip_core.labeling.label_requests import requests_for
 from dashclip_core.labeling.labelers import CachedLabeler
 
-PRODUCTS = pd.DataFrame({
-    "product_id": ["p1", "p2", "p3"],
-    "title": ["Oat Milk", "Gala Apples", None],
-    "description": ["Creamy oat drink", None, "Lemon dish soap"],
-    "category": ["Milk", "Apple", "Cleaning"],
-    "aisle": ["Dairy", "Fruit", "Household"],
-})
-
 
 class CountingLabeler:
     labeler_id = "counting-v1"
@@ -36,13 +28,13 @@ class CountingLabeler:
                               reason=None if ok else "malformed", input_tokens=10, output_tokens=5)
 
 
-def _requests() -> list[LabelRequest]:
-    return list(requests_for(pd.DataFrame({"query": ["oat milk"] * 3, "product_id": ["p1", "p2", "p3"]}), PRODUCTS))
+def _requests(products: pd.DataFrame) -> list[LabelRequest]:
+    return list(requests_for(pd.DataFrame({"query": ["oat milk"] * 3, "product_id": ["p1", "p2", "p3"]}), products))
 
 
-def test_cached_labeler_pays_each_pair_once_and_never_caches_failures(tmp_path):
+def test_cached_labeler_pays_each_pair_once_and_never_caches_failures(tmp_path, three_products):
     inner = CountingLabeler()
-    requests = _requests()
+    requests = _requests(three_products)
     with LabelCache(tmp_path / "c.sqlite") as cache:
         first = list(CachedLabeler(inner, cache).label(requests))
         again = CachedLabeler(inner, cache)
@@ -55,12 +47,12 @@ def test_cached_labeler_pays_each_pair_once_and_never_caches_failures(tmp_path):
     assert all(r.input_tokens == 0 for r in second if r.cached)
 
 
-def test_cached_labeler_sends_nothing_that_does_not_fit_the_budget_and_charges_what_it_sends(tmp_path):
+def test_cached_labeler_sends_nothing_that_does_not_fit_the_budget_and_charges_what_it_sends(tmp_path, three_products):
     inner = CountingLabeler()
     with LabelCache(tmp_path / "c.sqlite") as cache:
         with pytest.raises(BudgetExhausted):
-            list(CachedLabeler(inner, cache, Budget(max_tokens=10)).label(_requests()))
+            list(CachedLabeler(inner, cache, Budget(max_tokens=10)).label(_requests(three_products)))
         assert inner.sent == []
         budget = Budget(max_tokens=100_000)
-        list(CachedLabeler(inner, cache, budget).label(_requests()))
+        list(CachedLabeler(inner, cache, budget).label(_requests(three_products)))
     assert budget.spent_tokens == 3 * 15

@@ -9,23 +9,15 @@ from dashclip_core.labeling.base import LabelRequest
 from dashclip_core.labeling.holdout import holdout_mask, split_human_labels
 from dashclip_core.labeling.label_requests import requests_for
 
-PRODUCTS = pd.DataFrame({
-    "product_id": ["p1", "p2", "p3"],
-    "title": ["Oat Milk", "Gala Apples", None],
-    "description": ["Creamy oat drink", None, "Lemon dish soap"],
-    "category": ["Milk", "Apple", "Cleaning"],
-    "aisle": ["Dairy", "Fruit", "Household"],
-})
 
-
-def test_requests_carry_every_product_field_and_bad_ids_name_the_row():
+def test_requests_carry_every_product_field_and_bad_ids_name_the_row(three_products):
     pairs = pd.DataFrame({"query": ["oat milk", "soap"], "product_id": ["p1", "p3"]})
-    first, second = list(requests_for(pairs, PRODUCTS))
+    first, second = list(requests_for(pairs, three_products))
     assert first == LabelRequest("oat milk", "p1", "Oat Milk", "Creamy oat drink", "Milk", "Dairy")
     assert second.title is None and second.description == "Lemon dish soap"
     bad = pd.DataFrame({"query": ["oat milk", "tea"], "product_id": ["p1", "p9"]})
     with pytest.raises(ValueError, match=r"pair row 1: product_id 'p9' \(query 'tea'\)"):
-        list(requests_for(bad, PRODUCTS))
+        list(requests_for(bad, three_products))
 
 
 def test_holdout_is_deterministic_and_near_the_fraction():
