@@ -128,8 +128,8 @@ def demo_photos(tmp_path_factory) -> pd.DataFrame:
 
 
 def test_stage2_anchor_embeddings_from_the_stem_match_the_photo_path(tmp_path, demo_photos):
-    from dashclip_core.models.inputs import embed_products
     from dashclip_core.layout import IMAGE_STEM
+    from dashclip_core.models.inputs import embed_products
     from dashclip_core.training.stage1 import image_stem_store
     from dashclip_core.training.stage2 import anchor_embeddings
 
@@ -147,8 +147,8 @@ def test_stage2_anchor_embeddings_from_the_stem_match_the_photo_path(tmp_path, d
 
 def test_backfill_actor_uses_the_stem_store_and_matches_the_photo_path(tmp_path, demo_photos):
     from dashclip_core.backfill.embed import ProductEmbedder
-    from dashclip_core.models.encoders import save_encoder
     from dashclip_core.layout import IMAGE_STEM
+    from dashclip_core.models.encoders import save_encoder
     from dashclip_core.training.stage1 import image_stem_store
 
     cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1})
