@@ -31,9 +31,10 @@ def candidate_pairs(products: pd.DataFrame, search_log: pd.DataFrame, human: pd.
     bm25 = BM25Index([teacher_text(r) for r in products.to_dict("records")], ids)
     rng = np.random.default_rng(seed)
     n_bm25 = max(0, cfg.candidates_per_query - cfg.random_candidates_per_query)
+    lexical = bm25.rank_many(queries, n_bm25) if n_bm25 > 0 else [[] for _ in queries]  # one sparse product per chunk of queries
     rows = []
-    for q in queries:
-        rows += [(q, p) for p in bm25.rank(q, n_bm25)]
+    for q, top in zip(queries, lexical):
+        rows += [(q, p) for p in top]
         rows += [(q, ids[i]) for i in rng.choice(len(ids), size=min(cfg.random_candidates_per_query, len(ids)), replace=False)]
     cands = pd.concat([log_pairs, pd.DataFrame(rows, columns=["query", "product_id"])], ignore_index=True).drop_duplicates()
     labelled = set(zip(human["query"], human["product_id"]))
