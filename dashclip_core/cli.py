@@ -1,15 +1,16 @@
-"""``dashclip`` command line: run the DAG locally, print a run's summary, embed products/queries, search.
+"""The library's commands: embed products/queries, search the champion's index, recompute an evaluation.
 
-    dashclip run [--config configs/demo.yaml]          airflow dags test dashclip_nightly + summary
-    dashclip summary [--run-id RUN]                     summary of a DAG run (latest by default)
-    dashclip embed products --model URI --input P.parquet --output O.parquet
-    dashclip embed queries  --model URI --input Q.parquet --output O.parquet
-    dashclip search "oat milk" -k 10 [--model-name dashclip-demo]
-    dashclip evaluate --model URI [--config C.yaml] [--run-dir RUN] [--out report.json]
+    embed products --model URI --input P.parquet --output O.parquet
+    embed queries  --model URI --input Q.parquet --output O.parquet
+    search "oat milk" -k 10 [--model-name dashclip-demo]
+    evaluate --model URI [--config C.yaml] [--run-dir RUN] [--out FILE]
 
 ``--model`` is ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) from the MLflow registry, or a
-DAG run folder (``<root>/dashclip_nightly/<run>``) holding ``train_stage1`` and ``train_stage2``.
+DAG run folder (``<root>/<dag id>/<run>``) holding both trained encoders (:mod:`dashclip_core.layout`).
 Local stores are the ones ``make run`` uses (``$DASHCLIP_HOME``, default ``.dashclip/``).
+
+No Airflow here: the ``dashclip`` console script (``orchestration.cli``) adds ``run`` and ``summary``
+to these commands through :func:`add_library_commands`; :func:`main` offers the library ones alone.
 """
 
 from __future__ import annotations
@@ -18,97 +19,31 @@ import argparse
 import json
 import logging
 import os
-import sqlite3
-import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from dashclip_core.config import PROJECT_ROOT, PipelineConfig, dashclip_home
+from dashclip_core.config import DEFAULT_CONFIG, PipelineConfig, flatten
+from dashclip_core.layout import (
+    PRODUCT_ENCODER,
+    QUERY_ENCODER,
+    CatalogGate,
+    Evaluation,
+    Labels,
+    Snapshot,
+    Stage1,
+    Stage2,
+    Step,
+    run_folder,
+)
 
 logger = logging.getLogger("dashclip")
 
-DAG_ID = "dashclip_nightly"
+DEFAULT_REPORT = Path(Evaluation(Path()).report.name)  # `evaluate --out`: the evaluate step's file name, in the current folder
+DEFAULT_MODEL_NAME = PipelineConfig().registry.model_name
 
 
-# ---- run + summary -----------------------------------------------------------------------------
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    conf = {"config_path": args.config}
-    for key in ("sample_size", "epochs", "num_workers"):
-        if getattr(args, key) is not None:
-            conf[key] = getattr(args, key)
-    airflow = Path(sys.executable).with_name("airflow")
-    t0 = time.time()
-    proc = subprocess.run([str(airflow), "dags", "test", DAG_ID, "-c", json.dumps(conf)], cwd=PROJECT_ROOT, check=False)
-    wall = time.time() - t0
-    run_id = latest_run_id()
-    if run_id is None:
-        print("no DAG run was recorded", file=sys.stderr)
-        return proc.returncode or 1
-    print_summary(run_id, args.config, wall)
-    return proc.returncode
-
-
-def airflow_db() -> Path:
-    conn = os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "")
-    if conn.startswith("sqlite:///"):
-        return Path(conn[len("sqlite:///") :])
-    return Path(os.environ.get("AIRFLOW_HOME", dashclip_home() / "airflow")) / "airflow.db"
-
-
-def latest_run_id() -> str | None:
-    with sqlite3.connect(airflow_db()) as db:
-        row = db.execute("SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", (DAG_ID,)).fetchone()
-    return row[0] if row else None
-
-
-def task_states(run_id: str) -> list[tuple[str, str, float | None]]:
-    with sqlite3.connect(airflow_db()) as db:
-        rows = db.execute(
-            "SELECT task_id, state, duration, start_date FROM task_instance WHERE dag_id = ? AND run_id = ? ORDER BY start_date IS NULL, start_date",
-            (DAG_ID, run_id),
-        ).fetchall()
-    return [(r[0], r[1] or "none", r[2]) for r in rows]
-
-
-def print_summary(run_id: str, config_path: str, wall: float | None = None) -> None:
-    from dashclip_core.storage import RunPaths, read_json
-
-    cfg = PipelineConfig.from_file(config_path)
-    paths = RunPaths(cfg.storage_root(), DAG_ID, run_id, cfg.storage.s3_endpoint_url, cfg.cache_dir())
-    print(f"\n=== dashclip_nightly run {run_id} (config {config_path}) ===")
-    if wall is not None:
-        print(f"wall time: {wall:.0f} s")
-    print(f"\n{'task':24s} {'state':10s} {'seconds':>8s}")
-    for task_id, state, duration in task_states(run_id):
-        print(f"{task_id:24s} {state:10s} {duration if duration is not None else float('nan'):8.1f}")
-
-    def step(name: str) -> dict | None:
-        return read_json(paths.local(name) / "summary.json") if paths.is_done(name) else None
-
-    if (ev := step("evaluate")) is not None:
-        print(f"\neval on held-out queries ({ev['n_eval_queries']}):")
-        print("\n".join(metrics_table(ev["systems"])))
-    if (idx := step("build_index")) is not None:
-        print(f"\nindex: {idx['factory']} with {idx['ntotal']} products (dim {idx['dim']}), recall@10 vs exact {idx['recall@10_vs_exact']:.3f}")
-    if (reg := step("register_model")) is not None:
-        aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(reg["aliases"].items()))
-        print(f"registered: {reg['model_name']} version {reg['version']} (aliases: {aliases}); {reg['decision']['reason']}")
-        for alias, version in sorted(reg["aliases"].items()):
-            if version == reg["version"]:
-                print(f"  -> {reg['model_name']}@{alias}")
-    if paths.is_done("evaluate"):
-        report = read_json(paths.local("evaluate") / "report.json")
-        print("\ntop-5 for sample queries:")
-        for q, hits in report["sample_queries"].items():
-            print(f"  {q!r}:")
-            for h in hits:
-                title = h["title"] or "(image-only product)"
-                print(f"      {h['product_id']}  {title}  [{h['category']}]")
-    print(f"\nrun folder: {paths.run_uri}")
+# ---- tables ------------------------------------------------------------------------------------
 
 
 def metrics_table(systems: dict[str, dict]) -> list[str]:
@@ -127,15 +62,6 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def cmd_summary(args: argparse.Namespace) -> int:
-    run_id = args.run_id or latest_run_id()
-    if run_id is None:
-        print("no DAG run found", file=sys.stderr)
-        return 1
-    print_summary(run_id, args.config)
-    return 0
-
-
 # ---- embed / search ----------------------------------------------------------------------------
 
 
@@ -146,7 +72,7 @@ class RunFolderModel:
         from dashclip_core.registry.pyfunc_model import DashclipEncoders
 
         src = resolve_model(str(run_dir))  # raises when an encoder folder is missing
-        ctx = SimpleNamespace(artifacts={"product_encoder": str(src.product_dir), "query_encoder": str(src.query_dir)})
+        ctx = SimpleNamespace(artifacts={PRODUCT_ENCODER: str(src.product_dir), QUERY_ENCODER: str(src.query_dir)})
         self.model = DashclipEncoders()
         self.model.load_context(ctx)
 
@@ -197,6 +123,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    import numpy as np
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
@@ -211,10 +138,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     index = ProductIndex.load(localize(tags["index_uri"], cfg.storage.s3_endpoint_url, cfg.cache_dir()))
     model = load_model(f"models:/{args.model_name}@{args.alias}")
     q = model.predict(pd.DataFrame({"query_id": ["q"], "query": [args.query]}))
-    import numpy as np
 
     scores, ids = index.search(np.asarray(q["embedding"].tolist(), np.float32), args.k)
-    products = pd.read_parquet(localize(tags["catalog_snapshot"], cfg.storage.s3_endpoint_url, cfg.cache_dir()) / "products.parquet").set_index("product_id")
+    snapshot = Snapshot(localize(tags["catalog_snapshot"], cfg.storage.s3_endpoint_url, cfg.cache_dir()))
+    products = pd.read_parquet(snapshot.products).set_index("product_id")
     print(f"{args.model_name}@{args.alias} (v{version.version}) — {args.query!r}:")
     for rank, (pid, score) in enumerate(zip(ids[0], scores[0]), 1):
         row = products.loc[pid] if pid in products.index else None
@@ -238,15 +165,17 @@ def resolve_model(uri: str) -> ModelSource:
     """Encoder folders of a registry URI (downloaded) or of a DAG run folder (as ``dashclip embed`` reads them).
 
     Raises:
-        FileNotFoundError: a run folder without ``train_stage1/product_encoder`` or ``train_stage2/query_encoder``.
+        FileNotFoundError: a run folder without the stage-1 product encoder or the stage-2 query encoder.
         ValueError: a ``models:/`` URI whose pyfunc lacks the encoder artifacts.
     """
     if not uri.startswith("models:/"):
-        run = Path(uri)
-        src = ModelSource(run / "train_stage1" / "product_encoder", run / "train_stage2" / "query_encoder", str(run), None)
+        steps = run_folder(uri)
+        src = ModelSource(Stage1(steps[Step.TRAIN_STAGE1]).product_encoder, Stage2(steps[Step.TRAIN_STAGE2]).query_encoder,
+                          str(Path(uri)), None)
         for p in (src.product_dir, src.query_dir):
             if not p.exists():
-                raise FileNotFoundError(f"{p} does not exist; --model must be models:/... or a DAG run folder with train_stage1 and train_stage2")
+                raise FileNotFoundError(f"{p} does not exist; --model must be models:/... or a DAG run folder with "
+                                        f"{Step.TRAIN_STAGE1} and {Step.TRAIN_STAGE2}")
         return src
     import mlflow
     from mlflow.models import Model
@@ -255,12 +184,12 @@ def resolve_model(uri: str) -> ModelSource:
     _mlflow_defaults()
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     artifacts = Model.load(local).flavors.get("python_function", {}).get("artifacts", {})
-    missing = [a for a in ("product_encoder", "query_encoder") if a not in artifacts]
+    missing = [a for a in (PRODUCT_ENCODER, QUERY_ENCODER) if a not in artifacts]
     if missing:
         raise ValueError(f"{uri}: MLmodel lists no artifact(s) {missing}; not a dashclip encoders model")
     tags = _model_version(MlflowClient(), uri).tags or {}
-    snapshot = tags.get("catalog_snapshot")  # <run folder>/extract_catalog
-    return ModelSource(local / artifacts["product_encoder"]["path"], local / artifacts["query_encoder"]["path"],
+    snapshot = tags.get("catalog_snapshot")  # <run folder>/<the snapshot step>
+    return ModelSource(local / artifacts[PRODUCT_ENCODER]["path"], local / artifacts[QUERY_ENCODER]["path"],
                        snapshot.rsplit("/", 1)[0] if snapshot else None, tags.get("config_path"))
 
 
@@ -286,18 +215,11 @@ def check_model_config(product_dir: Path, cfg: PipelineConfig, config_path: str)
 
     from dashclip_core.models.encoders import MODEL_CONFIG, saved_model_config
 
-    saved, wanted = _flat(asdict(saved_model_config(product_dir))), _flat(asdict(cfg.model))
+    saved, wanted = flatten(asdict(saved_model_config(product_dir))), flatten(asdict(cfg.model))
     differ = sorted(k for k in saved.keys() | wanted.keys() if k != "blip_checkpoint" and saved.get(k) != wanted.get(k))
     if differ:
         raise ValueError(f"{product_dir / MODEL_CONFIG} differs from model.* in {config_path} in field(s) "
                          f"{['model.' + k for k in differ]}; pass the config the model was trained with (--config)")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def read_run_inputs(run_dir: str, cfg: PipelineConfig):
@@ -306,13 +228,17 @@ def read_run_inputs(run_dir: str, cfg: PipelineConfig):
 
     from dashclip_core.storage import localize
 
-    def step_file(step: str, name: str) -> Path:
-        path = localize(f"{run_dir.rstrip('/')}/{step}", cfg.storage.s3_endpoint_url, cfg.cache_dir()) / name
+    def step_dir(step: Step) -> Path:
+        return localize(f"{run_dir.rstrip('/')}/{step}", cfg.storage.s3_endpoint_url, cfg.cache_dir())
+
+    def existing(path: Path, step: Step) -> Path:
         if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist; --run-dir must be a DAG run folder with {step}/{name}")
+            raise FileNotFoundError(f"{path} does not exist; --run-dir must be a DAG run folder with {step}/{path.name}")
         return path
 
-    return pd.read_parquet(step_file("validate_catalog", "clean.parquet")), pd.read_parquet(step_file("label_pairs", "labels.parquet"))
+    clean = existing(CatalogGate(step_dir(Step.VALIDATE_CATALOG)).clean, Step.VALIDATE_CATALOG)
+    labels = existing(Labels(step_dir(Step.LABEL_PAIRS)).labels, Step.LABEL_PAIRS)
+    return pd.read_parquet(clean), pd.read_parquet(labels)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -324,7 +250,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         src = resolve_model(args.model)
-        config_path = args.config or src.config_path or "configs/demo.yaml"
+        config_path = args.config or src.config_path or DEFAULT_CONFIG
         cfg = PipelineConfig.from_file(config_path)
         run_dir = args.run_dir or src.run_dir
         if run_dir is None:
@@ -348,23 +274,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO if os.environ.get("DASHCLIP_VERBOSE") else logging.WARNING)
-    parser = argparse.ArgumentParser(prog="dashclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+# ---- parser ------------------------------------------------------------------------------------
 
-    p = sub.add_parser("run", help="run DAG dashclip_nightly locally (airflow dags test) and print the summary")
-    p.add_argument("--config", default="configs/demo.yaml")
-    p.add_argument("--sample-size", dest="sample_size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--num-workers", dest="num_workers", type=int)
-    p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("summary", help="print the summary of a DAG run")
-    p.add_argument("--run-id")
-    p.add_argument("--config", default="configs/demo.yaml")
-    p.set_defaults(func=cmd_summary)
-
+def add_library_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``embed``, ``search`` and ``evaluate`` to ``sub`` (the subparsers of a ``dashclip`` parser)."""
     p = sub.add_parser("embed", help="embed products or queries with a registered model or a run folder")
     p.add_argument("kind", choices=["products", "queries"])
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS or a DAG run folder")
@@ -375,19 +289,29 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("search", help="nearest products for a query with the champion's index")
     p.add_argument("query")
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--model-name", default="dashclip-demo")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     p.add_argument("--alias", default="champion")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("evaluate", help="recompute the evaluation report of a model on a DAG run's snapshot and labels")
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a DAG run folder")
-    p.add_argument("--config", help="config the model was trained with (default: the version's config_path tag, else configs/demo.yaml)")
-    p.add_argument("--run-dir", dest="run_dir", help="DAG run folder with validate_catalog and label_pairs "
+    p.add_argument("--config", help=f"config the model was trained with (default: the version's config_path tag, else {DEFAULT_CONFIG})")
+    p.add_argument("--run-dir", dest="run_dir", help=f"DAG run folder with {Step.VALIDATE_CATALOG} and {Step.LABEL_PAIRS} "
                    "(default: the run folder given as --model, or the registered version's catalog_snapshot run)")
-    p.add_argument("--out", type=Path, default=Path("report.json"))
+    p.add_argument("--out", type=Path, default=DEFAULT_REPORT)
     p.add_argument("--rerank-k", dest="rerank_k", type=int, default=None, help="ANN candidates the ITM head re-ranks (default 20)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO if os.environ.get("DASHCLIP_VERBOSE") else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The library commands alone (no Airflow needed); the installed ``dashclip`` is ``orchestration.cli:main``."""
+    configure_logging()
+    parser = argparse.ArgumentParser(prog="dashclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_library_commands(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -243,7 +243,11 @@ def stage1_worker(config: dict) -> None:
             applied = precision.step(opt, loss, epoch, step)  # a non-finite step is skipped (and too many in a row fail)
             step += 1
             meter.add({**parts, "skipped_step": torch.tensor(0.0 if applied else 1.0)}, step)
-        end_epoch(model, opt, epoch, step, meter.finish(epoch, step), precision)
+        metrics = meter.finish(epoch, step)
+        if rank == 0:  # the progress line `dashclip run` shows ("<what> epoch i/n ...")
+            logger.info("stage1 epoch %d/%d: loss %.4f, %.1f samples/s", epoch + 1, cfg.train.stage1_epochs,
+                        metrics.get("loss", float("nan")), metrics["samples_per_s"])
+        end_epoch(model, opt, epoch, step, metrics, precision)
 
 
 # ---- launcher ----------------------------------------------------------------------------------
