@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 CONFIG ?= configs/demo.yaml
 PIP := $(BIN)/pip --disable-pip-version-check -q
+IMPORT_CHECK := import torch, airflow, ray, mlflow, faiss, great_expectations, transformers, openai, bm25s, dashclip_core, orchestration
 
 # The venv's console scripts first: `airflow standalone` starts its components as `airflow …` subprocesses.
 export PATH := $(BIN):$(PATH)
@@ -36,7 +37,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements.lock pypr
 	$(PIP) install torch==2.13.0 -c constraints.txt 2>&1 | grep -v '^WARNING: Location' || true
 	$(PIP) install -r requirements-dev.txt -c requirements.lock 2>&1 | grep -v '^WARNING: Location' || true
 	$(PIP) install --no-deps -e . 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -c "import torch, airflow, ray, mlflow, faiss, great_expectations, transformers, dashclip_core" 2>/dev/null
+	# import check; quiet on success (faiss's loader logs its CPU probing), the traceback on failure
+	$(BIN)/python -c "$(IMPORT_CHECK)" > /dev/null 2>&1 || $(BIN)/python -c "$(IMPORT_CHECK)"
 	touch $@
 
 install: $(VENV)/.installed
