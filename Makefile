@@ -29,7 +29,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
-.PHONY: install run test test-fast airflow mlflow lock lint clean
+.PHONY: install run test test-fast drills airflow mlflow lock lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -54,6 +54,10 @@ run: install $(AIRFLOW_HOME)/airflow.db
 test: install
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
+
+# Fault drills (README "Fault drills"): one row per injected fault; exit 1 unless every row lost 0 data.
+drills: install
+	$(BIN)/python -m drills
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

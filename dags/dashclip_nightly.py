@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from dashclip_core.config import DEFAULT_CONFIG
-from dashclip_core.layout import DAG_ID
+from dashclip_core.config import DEFAULT_CONFIG, PipelineConfig
+from dashclip_core.layout import DAG_ID, Step
 from tasks import steps
 
+# Timeouts and concurrency are fixed when the DAG is parsed: from the operator's config, not a run's params.
+RUNNER = PipelineConfig.from_file(os.environ.get("DASHCLIP_DAG_CONFIG") or DEFAULT_CONFIG).airflow
+LONG_STEPS = {Step.TRAIN_STAGE1: RUNNER.training_timeout_minutes, Step.TRAIN_STAGE2: RUNNER.training_timeout_minutes,
+              Step.BACKFILL_EMBEDDINGS: RUNNER.training_timeout_minutes, Step.LABEL_PAIRS: RUNNER.label_timeout_minutes}
+
 # Gates and training fail fast on bad data (AirflowFailException skips retries); I/O hiccups retry.
-DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(minutes=2)}
+# Every task has an execution_timeout: a read that hangs (a FIFO, a stuck mount, a silent server) fails the task.
+DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(minutes=2), "execution_timeout": timedelta(minutes=RUNNER.task_timeout_minutes)}
+
+
+def step(fn):
+    """The TaskFlow task of a step function, with the step's execution_timeout."""
+    minutes = LONG_STEPS.get(Step(fn.__name__), RUNNER.task_timeout_minutes)
+    return task(fn, execution_timeout=timedelta(minutes=minutes))
 
 
 @dag(
@@ -20,7 +33,7 @@ DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(minutes=2)}
     schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=RUNNER.max_active_runs,
     default_args=DEFAULT_ARGS,
     tags=["dashclip", "training"],
     params={
@@ -46,17 +59,17 @@ def dashclip_nightly():
     register in MLflow (`challenger`, `champion` when it wins).
     """
     # Each step gets the summaries (XComs) of the outputs it reads: their `uri` is the handle to the folder.
-    catalog = task(steps.extract_catalog)()
-    clean = task(steps.validate_catalog)(catalog)
-    labels = task(steps.label_pairs)(catalog, clean)
-    labels_ok = task(steps.validate_labels)(labels)
-    stage1 = task(steps.train_stage1)(clean, labels_ok)
-    stage2 = task(steps.train_stage2)(clean, labels, stage1)
-    embeddings = task(steps.backfill_embeddings)(clean, stage1)
-    embeddings_ok = task(steps.validate_embeddings)(clean, embeddings)
-    index = task(steps.build_index)(embeddings, embeddings_ok, labels, stage2)
-    evaluation = task(steps.evaluate)(clean, labels, embeddings, stage1, stage2, index)
-    task(steps.register_model)(catalog, clean, labels, stage1, stage2, index, evaluation)
+    catalog = step(steps.extract_catalog)()
+    clean = step(steps.validate_catalog)(catalog)
+    labels = step(steps.label_pairs)(catalog, clean)
+    labels_ok = step(steps.validate_labels)(labels)
+    stage1 = step(steps.train_stage1)(clean, labels_ok)
+    stage2 = step(steps.train_stage2)(clean, labels, stage1)
+    embeddings = step(steps.backfill_embeddings)(clean, stage1)
+    embeddings_ok = step(steps.validate_embeddings)(clean, embeddings)
+    index = step(steps.build_index)(embeddings, embeddings_ok, labels, stage2)
+    evaluation = step(steps.evaluate)(clean, labels, embeddings, stage1, stage2, index)
+    step(steps.register_model)(catalog, clean, labels, stage1, stage2, index, evaluation)
 
 
 dashclip_nightly()

@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -214,6 +217,17 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class AirflowConfig:
+    """How the DAG runs its tasks. Read when the DAG file is parsed (from ``$DASHCLIP_DAG_CONFIG``, else the
+    default config), not per run: Airflow fixes a task's timeout and the DAG's concurrency at parse time."""
+
+    task_timeout_minutes: float = 60.0  # execution_timeout of every task not listed below: a hung read fails the task instead of blocking the DAG
+    training_timeout_minutes: float = 360.0  # train_stage1, train_stage2, backfill_embeddings
+    label_timeout_minutes: float = 26 * 60.0  # label_pairs: an LLM Batch API job may take its whole 24 h window
+    max_active_runs: int = 1  # DAG runs at once; outputs are run-scoped and promotion is compare-and-set, so >1 is safe
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     name: str = "demo"
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
@@ -227,6 +241,7 @@ class PipelineConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    airflow: AirflowConfig = field(default_factory=AirflowConfig)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -267,6 +282,7 @@ class PipelineConfig:
             sub = getattr(cfg, section, None)
             if sub is None or not dataclasses.is_dataclass(sub) or name not in {f.name for f in dataclasses.fields(sub)}:
                 raise ValueError(f"override {key!r}: no such config field")
+            value = _coerce(value, get_type_hints(type(sub))[name], "override", key)  # same type rules as a config file
             cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{name: value})})
         return cfg
 
@@ -342,10 +358,27 @@ def _build(cls: type, raw: dict[str, Any], where: str, prefix: str = "") -> Any:
 
 
 def _coerce(value: Any, typ: Any, where: str, key: str) -> Any:
-    if typ is str or typ == "str":
-        if not isinstance(value, str):
-            value = str(value)
-        return _expand_env(value)
+    """``value`` checked (and, where lossless, converted) against the field's annotation ``typ``.
+
+    Every field is checked, optional and tuple fields too: YAML's ``key:`` (null) is accepted only
+    where the field is ``X | None``; ``'50'`` is not a number and ``yes`` is not an integer (YAML reads
+    it as true), so each raises here naming the key, not later in the step that uses it.
+    """
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where, key)
+        raise TypeError(f"config field {key!r}: unsupported annotation {typ!r}")
+    if value is None:
+        default = "''" if typ is str else "a value"
+        raise ValueError(f"{where}: '{key}' is empty (YAML null); give it {default} or remove the key to keep the default")
+    if typ is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"{where}: '{key}' must be a string, got {value!r}")
+        return _expand_env(str(value))
     if typ is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{where}: '{key}' must be true/false, got {value!r}")
@@ -357,9 +390,14 @@ def _coerce(value: Any, typ: Any, where: str, key: str) -> Any:
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: '{key}' must be a finite number, got {value!r}")
         return float(value)
-    if getattr(typ, "__origin__", None) is tuple:
+    if typing.get_origin(typ) is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where}: '{key}' must be a list, got {value!r}")
-        return tuple(value)
-    return value
+        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if item is None:
+            raise TypeError(f"config field {key!r}: only tuple[X, ...] fields are supported, got {typ!r}")
+        return tuple(_coerce(v, item, where, f"{key}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"config field {key!r}: unsupported annotation {typ!r}")

@@ -61,3 +61,36 @@ def test_per_worker_batch():
     assert per_worker_batch_size(32, 2) == 16
     with pytest.raises(ValueError):
         per_worker_batch_size(1, 2)
+
+
+@pytest.mark.parametrize(("yaml_text", "key", "why"), [
+    ("storage:\n  root:\n", "storage.root", "empty"),  # was: a str field holding None, outputs under ./None
+    ("labeling:\n  max_cost_usd: '50'\n", "labeling.max_cost_usd", "must be a number"),  # was: passed, failed later in the budget
+    ("labeling:\n  max_tokens: yes\n", "labeling.max_tokens", "must be an integer"),  # was: True, a 1-token budget
+    ("labeling:\n  max_tokens: 1.5\n", "labeling.max_tokens", "must be an integer"),
+    ("evaluation:\n  ks: [10, fifty]\n", r"evaluation.ks\[1\]", "must be an integer"),  # was: tuple of mixed types
+    ("evaluation:\n  ks: 10\n", "evaluation.ks", "must be a list"),
+    ("registry:\n  model_name: [a, b]\n", "registry.model_name", "must be a string"),
+    ("loss:\n  temperature: .nan\n", "loss.temperature", "finite"),
+])
+def test_optional_and_tuple_fields_are_type_checked(tmp_path, yaml_text, key, why):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ValueError, match=rf"bad\.yaml: '{key}'.*{why}"):
+        PipelineConfig.from_file(path)
+
+
+def test_optional_fields_accept_null_and_their_type(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("labeling:\n  max_tokens: 5000\n  max_cost_usd:\nevaluation:\n  ks: [5, 20]\n")
+    cfg = PipelineConfig.from_file(path)
+    assert (cfg.labeling.max_tokens, cfg.labeling.max_cost_usd, cfg.evaluation.ks) == (5000, None, (5, 20))
+
+
+def test_overrides_are_type_checked_like_the_file():
+    cfg = PipelineConfig()
+    assert cfg.with_overrides(**{"labeling.max_cost_usd": 50}).labeling.max_cost_usd == 50.0
+    with pytest.raises(ValueError, match="'labeling.max_cost_usd' must be a number"):
+        cfg.with_overrides(**{"labeling.max_cost_usd": "50"})
+    with pytest.raises(ValueError, match="'train.num_workers' must be an integer"):
+        cfg.with_overrides(**{"train.num_workers": True})
