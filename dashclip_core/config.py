@@ -53,6 +53,10 @@ class CatalogConfig:
     grocery_products_per_class: int = 0  # 0 = every photo; >0 caps photos per fine class (speed)
     seed: int = 0
     sample_size: int = 0  # 0 = whole snapshot; >0 = a deterministic sample of this many products
+    image_roots: tuple[str, ...] = ()  # allowed image locations besides the catalog's own folder: local folders (relative = project root) and s3://bucket/prefix
+    max_image_bytes: int = 20_000_000  # larger image files are quarantined (image_too_large) and never read in full
+    max_image_pixels: int = 40_000_000  # width*height above this is quarantined (image_too_many_pixels) before decoding
+    image_read_timeout_s: float = 10.0  # deadline of one image read + decode (and the S3 connect/read timeouts)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class LabelingConfig:
 class ValidationConfig:
     max_bad_product_fraction: float = 0.0  # catalog gate fails when more than this share of products is bad
     min_products: int = 8
+    max_bad_label_fraction: float = 0.0  # human label gate (validate_catalog) fails when more than this share of human label rows is bad
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,7 @@ class TrainConfig:
     seed: int = 0
     holdout_product_regex: str = ""  # products whose id matches are never trained on (stage 1, stage 2) but are indexed and evaluated
     torch_threads_per_worker: int = 1
+    max_failures: int = 2  # Ray Train FailureConfig: a dead or failing worker restarts the worker group from the last checkpoint this many times (-1 = no limit, 0 = fail at once)
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,8 @@ class RegistryConfig:
     experiment: str = "dashclip"
     promote: bool = True  # move `champion` when the new version wins
     promotion_metric: str = "ndcg@10"  # a metric of report["systems"]["dashclip"]: eval-query search (ndcg@10, ...) or held-out photos (zero_shot_fine_top1, t2i_ndcg@10)
+    promotion_lock_timeout_s: float = 600.0  # a promoter waits this long for another run's promotion lock, then fails (the task retries)
+    promotion_lock_lease_s: float = 1800.0  # a lock older than this is a crashed holder's: the next promoter breaks it (recorded)
 
 
 @dataclass(frozen=True)
@@ -214,6 +222,7 @@ class StorageConfig:
     root: str = ""  # empty -> <home>/runs; "s3://bucket/prefix" stores outputs on S3
     s3_endpoint_url: str = ""  # e.g. a MinIO / moto endpoint; empty = AWS
     cache_dir: str = ""  # local copies of remote outputs; empty -> <home>/cache
+    s3_max_attempts: int = 8  # tries per S3 request (botocore "standard" retries: 503 SlowDown, 5xx, dropped connections); >= 1
 
 
 @dataclass(frozen=True)
@@ -282,7 +291,11 @@ class PipelineConfig:
             sub = getattr(cfg, section, None)
             if sub is None or not dataclasses.is_dataclass(sub) or name not in {f.name for f in dataclasses.fields(sub)}:
                 raise ValueError(f"override {key!r}: no such config field")
-            value = _coerce(value, get_type_hints(type(sub))[name], "override", key)  # same type rules as a config file
+            typ = get_type_hints(type(sub))[name]
+            if dataclasses.is_dataclass(typ):  # a whole nested section: an instance, or a mapping like the file's
+                value = value if isinstance(value, typ) else _build(typ, value, "override", prefix=f"{key}.")
+            else:
+                value = _coerce(value, typ, "override", key)  # same type rules as a config file
             cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{name: value})})
         return cfg
 

@@ -94,3 +94,14 @@ def test_overrides_are_type_checked_like_the_file():
         cfg.with_overrides(**{"labeling.max_cost_usd": "50"})
     with pytest.raises(ValueError, match="'train.num_workers' must be an integer"):
         cfg.with_overrides(**{"train.num_workers": True})
+
+
+def test_an_override_may_replace_a_whole_nested_section():
+    from dashclip_core.config import ImageTowerConfig
+
+    cfg = PipelineConfig().with_overrides(**{"model.image": ImageTowerConfig(image_size=32)})
+    assert cfg.model.image.image_size == 32
+    cfg = PipelineConfig().with_overrides(**{"model.image": {"image_size": 48}})
+    assert cfg.model.image.image_size == 48
+    with pytest.raises(ValueError, match="'model.image.image_size' must be an integer"):
+        PipelineConfig().with_overrides(**{"model.image": {"image_size": "48"}})
