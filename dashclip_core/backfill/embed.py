@@ -23,7 +23,7 @@ COLUMNS = ["product_id", "title", "description", "image_uri"]
 class ProductEmbedder:
     """Ray Data callable class: one encoder per actor."""
 
-    def __init__(self, model_dir: str, threads: int = 1, stem_path: str = "") -> None:
+    def __init__(self, model_dir: str, threads: int = 1, stem_path: str = "", image_policy=None) -> None:
         import torch
 
         from dashclip_core.models.encoders import load_product_encoder
@@ -32,7 +32,7 @@ class ProductEmbedder:
 
         torch.set_num_threads(threads)  # one thread per actor on a small box; actors give the parallelism
         self.encoder = load_product_encoder(Path(model_dir))
-        self.builder = InputBuilder(self.encoder.cfg)
+        self.builder = InputBuilder(self.encoder.cfg, images=image_policy)  # the run's image roots and limits
         # The run's frozen image stem (stage 1 computed it for every photo): covered photos run the tail only.
         self.stem = StemStore.open(Path(stem_path), self.encoder.cfg) if stem_path else None
 
@@ -58,6 +58,7 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame, model_dir: 
     import pyarrow.parquet as pq
     import ray.data
 
+    from dashclip_core.storage.images import ImagePolicy
     from dashclip_core.training.ray_launcher import ensure_ray
 
     ensure_ray(cfg)
@@ -66,7 +67,8 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame, model_dir: 
     ds = ray.data.from_pandas(products[COLUMNS].reset_index(drop=True))
     out = ds.map_batches(
         ProductEmbedder,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "stem_path": str(stem_path) if stem_path else ""},
+        fn_constructor_kwargs={"model_dir": str(model_dir), "stem_path": str(stem_path) if stem_path else "",
+                               "image_policy": ImagePolicy.for_pipeline(cfg)},
         batch_size=cfg.ray.backfill_batch_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=cfg.ray.backfill_actors),

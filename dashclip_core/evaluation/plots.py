@@ -181,7 +181,7 @@ def _short(text: str, width: int = 28) -> str:
 
 def plot_query_results(rankings: dict[str, list[str]], products: pd.DataFrame, judgments: pd.DataFrame, out_path: Path,
                        queries: Sequence[str] | None = None, top: int = 5, min_relevant_label: int = 1, max_queries: int = 4,
-                       title: str = "top results per query") -> Path:
+                       title: str = "top results per query", images=None) -> Path:
     """A row per query with its top ``top`` products: the photo (thumbnail of ``image_uri``) or, for a
     product without one, a text tile with its title. Each cell is titled with the product title and
     its judged relevance (``relevant (label)``, ``not relevant (label)`` or ``unjudged``).
@@ -194,6 +194,9 @@ def plot_query_results(rankings: dict[str, list[str]], products: pd.DataFrame, j
         queries: which queries (default: the first ``max_queries`` of ``rankings``).
         top: products per row.
         min_relevant_label: labels >= this are "relevant" (as in the metrics).
+        images: the :class:`~dashclip_core.storage.images.ImagePolicy` photos are read under; default
+            ``TRUSTED_INPUT`` (the gate already checked the rows' roots): regular files only, with byte /
+            pixel caps and a deadline, so a photo swapped for a FIFO or a bomb cannot stall the step.
 
     Raises:
         ValueError: a query has no ranking, or no query to plot.
@@ -219,7 +222,7 @@ def plot_query_results(rankings: dict[str, list[str]], products: pd.DataFrame, j
                 continue
             row = by_id.loc[ids[c]] if ids[c] in by_id.index else None
             product_title = _text(row["title"]) if row is not None else None
-            _draw_product(ax, row, product_title)
+            _draw_product(ax, row, product_title, images)
             verdict, colour = _relevance(labels.get((query, ids[c])), min_relevant_label)
             ax.set_title(f"{c + 1}. {textwrap.shorten(product_title or '(no title)', 26, placeholder='…')}\n{verdict}",
                          fontsize=7, color=colour)
@@ -228,22 +231,22 @@ def plot_query_results(rankings: dict[str, list[str]], products: pd.DataFrame, j
     return _save(fig, out_path)
 
 
-def _draw_product(ax, row, product_title: str | None) -> None:
+def _draw_product(ax, row, product_title: str | None, images=None) -> None:
     """The product's photo, or a grey text tile when it has none (or it cannot be read)."""
-    from PIL import Image
+    from dashclip_core.storage.images import TRUSTED_INPUT, ImageRejected, open_image
 
     uri = _text(row["image_uri"]) if row is not None else None
     note = "no image"
     if uri:
         try:
-            with Image.open(uri) as im:
+            with open_image(uri, images if images is not None else TRUSTED_INPUT, draft_size=(160, 160)) as im:
                 thumb = im.convert("RGB")
                 thumb.thumbnail((160, 160))
             ax.imshow(np.asarray(thumb))
             return
-        except OSError as err:  # a missing or corrupt file is shown, not hidden
-            logger.warning("plot_query_results: cannot read image %s: %s", uri, err)
-            note = "image unreadable"
+        except ImageRejected as err:  # a missing, refused or corrupt file is shown, not hidden
+            logger.warning("plot_query_results: product %r: %s", row.name, err)
+            note = f"image unreadable: {err.reason_code}"
     ax.set_facecolor("#eeeeee")
     ax.text(0.5, 0.5, textwrap.fill(product_title or "(no title)", 18) + f"\n\n[{note}]", ha="center", va="center",
             fontsize=7, transform=ax.transAxes)
@@ -265,7 +268,7 @@ def _text(value) -> str | None:
 
 
 def write_evaluation_plots(outputs, products: pd.DataFrame, out_dir: Path, min_relevant_label: int = 1,
-                           mlflow_run: dict | None = None) -> list[Path]:
+                           mlflow_run: dict | None = None, images=None) -> list[Path]:
     """The plots of one evaluation (an :class:`~dashclip_core.evaluation.report.EvaluationOutputs`) into ``out_dir``.
 
     Writes ``zero_shot_confusion_worst.png`` (when there are held-out photos), ``query_top5_ann.png`` and
@@ -279,7 +282,8 @@ def write_evaluation_plots(outputs, products: pd.DataFrame, out_dir: Path, min_r
     samples = list(outputs.report["sample_queries"])
     for system, name in (("dashclip", "ann"), ("dashclip_itm_rerank", "itm_rerank")):
         written.append(plot_query_results(outputs.rankings[system], products, outputs.judgments, out_dir / f"query_top5_{name}.png",
-                                          queries=samples, min_relevant_label=min_relevant_label, title=f"top-5 per query: {system}"))
+                                          queries=samples, min_relevant_label=min_relevant_label, title=f"top-5 per query: {system}",
+                                          images=images))
     if mlflow_run is not None:
         written.append(plot_training_curves(mlflow_run["tracking_uri"], mlflow_run["run_id"], out_dir / "training_curves.png"))
     return written

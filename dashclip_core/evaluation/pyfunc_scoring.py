@@ -20,6 +20,44 @@ def _embeddings(predicted: pd.DataFrame) -> np.ndarray:
     return np.asarray(predicted["embedding"].tolist(), np.float32)
 
 
+PRODUCT_CHUNK = 256  # product rows per predict call: bounds the inline image bytes held at once
+
+
+def _accepts_inline_images(model) -> bool:
+    """Whether the model's signature declares ``image_b64`` (models registered before it had only ``image_path``,
+    and MLflow drops undeclared columns). A model object without metadata is this code's own pyfunc class."""
+    metadata = getattr(model, "metadata", None)
+    schema = metadata.get_input_schema() if metadata is not None else None
+    return schema is None or "image_b64" in schema.input_names()
+
+
+def predict_products(model, products: pd.DataFrame) -> pd.DataFrame:
+    """``model.predict`` on product rows (``product_id``, ``title``, ``description``, ``image_uri``), in chunks.
+
+    Photos go inline (``image_b64``, read here under the trusted-input policy: these are clean, gate-checked
+    rows), because a served model refuses local paths outside its operator's roots; a model registered
+    before ``image_b64`` existed gets ``image_path``, which it reads itself.
+    """
+    import base64
+
+    from dashclip_core.storage.images import TRUSTED_INPUT, read_image_bytes
+
+    inline = _accepts_inline_images(model)
+    parts = []
+    for start in range(0, len(products), PRODUCT_CHUNK):
+        chunk = products.iloc[start : start + PRODUCT_CHUNK]
+        frame = pd.DataFrame({"product_id": chunk["product_id"].to_numpy(), "title": chunk["title"].to_numpy(),
+                              "description": chunk["description"].to_numpy()})
+        uris = [u if isinstance(u, str) and u else None for u in chunk["image_uri"]]
+        if inline:
+            frame["image_b64"] = [None if u is None else base64.b64encode(read_image_bytes(u, TRUSTED_INPUT)).decode("ascii")
+                                  for u in uris]
+        else:
+            frame["image_path"] = uris
+        parts.append(model.predict(frame))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"product_id": [], "embedding": []})
+
+
 def photo_metrics_via_pyfunc(model, cfg: PipelineConfig, products: pd.DataFrame) -> dict:
     """Zero-shot and text -> image metrics of a loaded pyfunc on this run's held-out photos
     (image-only products against class-name queries), as :func:`~.photos.photo_metrics` defines them.
@@ -31,8 +69,8 @@ def photo_metrics_via_pyfunc(model, cfg: PipelineConfig, products: pd.DataFrame)
     if photos.empty:
         raise ValueError("no held-out photos to score zero-shot / text -> image metrics on")
     prod_in = pd.DataFrame({"product_id": photos["product_id"].to_numpy(), "title": None, "description": None,
-                            "image_path": photos["image_uri"].to_numpy()})
-    image_emb = _embeddings(model.predict(prod_in))  # (N, D)
+                            "image_uri": photos["image_uri"].to_numpy()})
+    image_emb = _embeddings(predict_products(model, prod_in))  # (N, D)
 
     def embed_text(texts: list[str]) -> np.ndarray:
         return _embeddings(model.predict(pd.DataFrame({"query_id": texts, "query": texts})))
@@ -52,8 +90,7 @@ def score_model_uri(model_uri: str, cfg: PipelineConfig, products: pd.DataFrame,
     if metric.startswith(PHOTO_METRIC_PREFIXES):
         return float(photo_metrics_via_pyfunc(model, cfg, products)[metric])
     queries = sorted(judgments["query"].unique())
-    prod_in = products[["product_id", "title", "description", "image_uri"]].rename(columns={"image_uri": "image_path"})
-    p = model.predict(prod_in)
+    p = predict_products(model, products[["product_id", "title", "description", "image_uri"]])
     q_emb = _embeddings(model.predict(pd.DataFrame({"query_id": queries, "query": queries})))
     rankings = dict(zip(queries, rank_by_embeddings(q_emb, _embeddings(p), p["product_id"].tolist(), max(cfg.evaluation.ks))))
     m = evaluate_rankings(rankings, judgments, ks=cfg.evaluation.ks, min_relevant_label=cfg.evaluation.min_relevant_label)

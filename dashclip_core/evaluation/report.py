@@ -52,7 +52,7 @@ def trained_query_embeddings(query_encoder_dir: Path, cfg: PipelineConfig, queri
     from dashclip_core.models.encoders import load_query_encoder
     from dashclip_core.models.inputs import InputBuilder, embed_queries
 
-    return embed_queries(load_query_encoder(query_encoder_dir), InputBuilder(cfg.model), queries)
+    return embed_queries(load_query_encoder(query_encoder_dir), InputBuilder(cfg.model), queries)  # text only: no image policy needed
 
 
 @dataclass
@@ -79,6 +79,7 @@ def eval_context(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFra
         ValueError: there are no held-out human labels.
     """
     from dashclip_core.models.inputs import InputBuilder
+    from dashclip_core.storage.images import ImagePolicy
 
     judgments = eval_judgments(labels)
     queries = sorted(judgments["query"].unique())
@@ -86,7 +87,7 @@ def eval_context(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFra
         raise ValueError("no held-out human labels (split 'eval'): nothing to evaluate on")
     image_only = products.loc[products["title"].isna() & products["description"].isna() & products["image_uri"].notna(), "product_id"]
     return EvalContext(cfg, products, judgments, queries, frozenset(image_only), zero_shot_products(products, cfg),
-                       InputBuilder(cfg.model), stem_store)
+                       InputBuilder(cfg.model, images=ImagePolicy.for_pipeline(cfg)), stem_store)  # the run's roots, not any path
 
 
 def run_evaluation(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, product_ids: list[str], product_emb: np.ndarray,

@@ -72,9 +72,11 @@ class StemStore:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def build_stem_store(encoder, model_cfg: ModelConfig, products: pd.DataFrame, path: Path, threads: int, batch_size: int = 32) -> StemStore | None:
+def build_stem_store(encoder, model_cfg: ModelConfig, products: pd.DataFrame, path: Path, threads: int, batch_size: int = 32,
+                     images=None) -> StemStore | None:
     """Compute (or reuse) the stem of every product with an image; None when the tower has no frozen stem.
 
+    ``images``: the run's :class:`~dashclip_core.storage.images.ImagePolicy` (None = gate-checked rows, caps only).
     Written atomically: the array and its id list go to temporary names, the ids file is renamed last,
     so a store that :meth:`StemStore.open` finds is always complete.
     """
@@ -86,7 +88,7 @@ def build_stem_store(encoder, model_cfg: ModelConfig, products: pd.DataFrame, pa
         return existing
     from dashclip_core.models.inputs import InputBuilder
 
-    builder = InputBuilder(model_cfg)
+    builder = InputBuilder(model_cfg, images=images)
     torch.set_num_threads(max(1, threads))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp.npy")

@@ -19,14 +19,22 @@ def product_text(title: str | None, description: str | None) -> str | None:
 
 
 class InputBuilder:
-    """Builds tensors for products (image + text, either may be missing) and for queries."""
+    """Builds tensors for products (image + text, either may be missing) and for queries.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Args:
+        cfg: the model's config (tokenizer, image size, backbone).
+        images: the :class:`~dashclip_core.storage.images.ImagePolicy` every image is read under; pass
+            ``ImagePolicy.for_pipeline(cfg)`` in pipeline steps (the catalog's roots and limits) or
+            ``ImagePolicy.for_serving()``. None = ``TRUSTED_INPUT`` (gate-checked rows: any location, caps only).
+    """
+
+    def __init__(self, cfg: ModelConfig, images=None) -> None:
         from transformers import AutoTokenizer
 
         from dashclip_core.models.towers import text_source
 
         self.cfg = cfg
+        self.image_policy = images  # (not `images`: that name is the method below)
         # A BLIP checkpoint brings its own tokenizer; otherwise the text tower's.
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.blip_checkpoint or text_source(cfg.text))
         self.backbone = "blip" if cfg.blip_checkpoint else cfg.image.backbone
@@ -38,7 +46,7 @@ class InputBuilder:
     def products(self, titles: Sequence, descriptions: Sequence, image_paths: Sequence) -> dict[str, Tensor]:
         """Tensors for a batch of products: pixels (B,3,S,S), has_image (B,), input_ids/attention_mask (B,T), has_text (B,)."""
         size, backbone = self.cfg.image.image_size, self.backbone
-        pix, has_image = zip(*(load_pixels(_none(p), size, backbone) for p in image_paths)) if len(image_paths) else ((), ())
+        pix, has_image = zip(*(load_pixels(_none(p), size, backbone, self.image_policy) for p in image_paths)) if len(image_paths) else ((), ())
         texts = [product_text(_none(t), _none(d)) for t, d in zip(titles, descriptions)]
         tok = self.tokenize([t or "" for t in texts])
         return {
@@ -51,7 +59,7 @@ class InputBuilder:
     def images(self, image_paths: Sequence) -> Tensor:
         """Pixels (B, 3, S, S) of products that all have an image."""
         size, backbone = self.cfg.image.image_size, self.backbone
-        return torch.from_numpy(np.stack([load_pixels(p, size, backbone)[0] for p in image_paths]))
+        return torch.from_numpy(np.stack([load_pixels(p, size, backbone, self.image_policy)[0] for p in image_paths]))
 
     def product_texts(self, titles: Sequence, descriptions: Sequence) -> dict[str, Tensor]:
         """input_ids/attention_mask (B, T) of products' text (title + description); no image decoding."""

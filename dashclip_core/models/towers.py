@@ -259,12 +259,26 @@ def normalize_pixels(rgb: np.ndarray, backbone: str) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def load_pixels(path: str | None, size: int, backbone: str) -> tuple[np.ndarray, bool]:
-    """Decode an image file to a normalised (3, size, size) array; a missing image gives zeros, False."""
-    if not path:
+def load_pixels(path, size: int, backbone: str, images=None) -> tuple[np.ndarray, bool]:
+    """Decode an image to a normalised (3, size, size) array; no image (None or "") gives zeros, False.
+
+    Args:
+        path: a local path or ``s3://`` URI, or :class:`~dashclip_core.storage.images.InlineImage` bytes.
+        size, backbone: output side and the normalisation of the backbone.
+        images: the :class:`~dashclip_core.storage.images.ImagePolicy` to read under (roots and limits).
+            Default :data:`~dashclip_core.storage.images.TRUSTED_INPUT`: rows that already passed the
+            catalog gate, still read as regular files only, with byte / pixel caps and a deadline.
+
+    Raises:
+        ImageRejected: the image may not or cannot be read (a ``ValueError`` naming the URI and the reason
+            code); a product whose image fails is never silently embedded without it.
+    """
+    if path is None or (isinstance(path, str) and not path):
         return np.zeros((3, size, size), np.float32), False
     from PIL import Image
 
-    with Image.open(path) as im:
+    from dashclip_core.storage.images import TRUSTED_INPUT, open_image
+
+    with open_image(path, images if images is not None else TRUSTED_INPUT) as im:
         rgb = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
     return normalize_pixels(rgb, backbone), True

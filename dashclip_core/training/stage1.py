@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 # ---- data --------------------------------------------------------------------------------------
 
+STAGE1_DATA_COLUMNS = ("product_id", "title", "description", "image_uri", "group_id")  # what a stage-1 run is trained from
+
 
 def stage1_pairs(products: pd.DataFrame) -> pd.DataFrame:
     """Products with both an image and text (ITC/ITM need pairs), with an integer ``group_id``.
@@ -75,10 +77,12 @@ def image_stem_store(cfg: PipelineConfig, products: pd.DataFrame, ray_storage: P
     """The run's frozen image stem for every product photo (computed once, then shared by stage 2 and
     evaluate); None when ``train.stage1_stem_cache`` is off or the image tower has no frozen stem."""
     from dashclip_core.models.image_stem import build_stem_store
+    from dashclip_core.storage.images import ImagePolicy
 
     if not cfg.train.stage1_stem_cache:
         return None
-    return build_stem_store(build_stage1(cfg).encoder, cfg.model, products, ray_storage / IMAGE_STEM, threads=cfg.ray.num_cpus)
+    return build_stem_store(build_stage1(cfg).encoder, cfg.model, products, ray_storage / IMAGE_STEM,
+                            threads=cfg.ray.num_cpus, images=ImagePolicy.for_pipeline(cfg))
 
 
 def flip_horizontally(images: Tensor, prob: float, generator: torch.Generator) -> Tensor:
@@ -202,7 +206,9 @@ def stage1_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from dashclip_core.training.ray_launcher import EpochMeter, end_epoch, start_worker
+    from dashclip_core.storage.images import ImagePolicy
+    from dashclip_core.training.checkpoints import epoch_seed
+    from dashclip_core.training.ray_launcher import EpochMeter, start_worker
     from dashclip_core.training.schedule import apply_lr, stage_lr_factor
 
     cfg = PipelineConfig.from_dict(config["pipeline"])
@@ -210,16 +216,19 @@ def stage1_worker(config: dict) -> None:
 
     pairs = pd.read_parquet(config["pairs"])
     stem_cache = np.load(config["stem_cache"], mmap_mode="r") if config.get("stem_cache") else None  # (N, C, h, w) float16, row = pairs.stem_row
-    builder = InputBuilder(cfg.model)
+    builder = InputBuilder(cfg.model, images=ImagePolicy.for_pipeline(cfg))  # the catalog's roots and limits
     model = build_stage1(cfg)
     w = start_worker(cfg, config, "stage1", model, parameter_groups(model, cfg, cfg.train.stage1_lr))
     rank, world, device, opt, base_lrs, precision, mlflow_log = w.rank, w.world, w.device, w.opt, w.base_lrs, w.precision, w.mlflow_log
     start_epoch, step = w.start_epoch, w.step
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU)
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
-    aug = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 1)  # flips and text views
 
     for epoch in range(start_epoch, cfg.train.stage1_epochs):
+        # Every random stream restarts from (seed, rank, epoch), so a run resumed here draws what an
+        # uninterrupted run draws: dropout (torch's global generator), ITM negatives (gen), flips and text views (aug).
+        torch.manual_seed(epoch_seed(cfg.train.seed, rank, epoch, 0))
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, rank, epoch, 1))
+        aug = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, rank, epoch, 2))
         model.train()
         meter = EpochMeter(mlflow_log, cfg.train.stage1_batch_size)
         steps = shard_steps(len(pairs), cfg.train.stage1_batch_size, world, rank, cfg.train.seed, epoch)
@@ -247,7 +256,7 @@ def stage1_worker(config: dict) -> None:
         if rank == 0:  # the progress line `dashclip run` shows ("<what> epoch i/n ...")
             logger.info("stage1 epoch %d/%d: loss %.4f, %.1f samples/s", epoch + 1, cfg.train.stage1_epochs,
                         metrics.get("loss", float("nan")), metrics["samples_per_s"])
-        end_epoch(model, opt, epoch, step, metrics, precision)
+        w.end_epoch(model, epoch, step, metrics)
 
 
 # ---- launcher ----------------------------------------------------------------------------------
@@ -263,6 +272,7 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
         ray_storage / ray_name: identify the Ray run (a retry with the same pair resumes).
         mlflow_run: {"tracking_uri", "run_id"} for per-step curves.
     """
+    from dashclip_core.training.checkpoints import frame_digest, stage_fingerprint
     from dashclip_core.training.precision import autocast_dtype
     from dashclip_core.training.ray_launcher import fit, read_checkpoint
 
@@ -283,7 +293,10 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
             pairs["stem_row"] = [stem.row[p] for p in pairs["product_id"]]
         pairs.to_parquet(pairs_path, index=False)
         worker_config = {"pipeline": cfg.to_dict(), "pairs": str(pairs_path), "mlflow": mlflow_run, "stem_cache": f"{stem.path}.npy" if stem else ""}
-        result = fit(stage1_worker, worker_config, cfg, ray_name, ray_storage)
+        # What the checkpoints are trained from: a retry resumes them only when this is unchanged. The photos
+        # count by their URI (their bytes are not hashed); the stem cache is a function of them and model.image.
+        fingerprint = stage_fingerprint(cfg, "stage1", {"pairs": frame_digest(pairs, list(STAGE1_DATA_COLUMNS))})
+        result = fit(stage1_worker, worker_config, cfg, ray_name, ray_storage, fingerprint, "stage1")
         state = read_checkpoint(result)
         final_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         precision = result.metrics.get("precision", "fp32")

@@ -19,8 +19,9 @@ from torch import nn
 from dashclip_core.config import PipelineConfig
 from dashclip_core.layout import IMAGE_STEM, Stage2
 from dashclip_core.losses import QueryCatalogContrastiveLoss, cached_qcc_step
-from dashclip_core.models.encoders import QueryEncoder, count_parameters, load_product_encoder, save_encoder
+from dashclip_core.models.encoders import WEIGHTS, QueryEncoder, count_parameters, load_product_encoder, save_encoder
 from dashclip_core.models.inputs import InputBuilder, embed_products
+from dashclip_core.storage.images import ImagePolicy
 from dashclip_core.training.stage1 import parameter_groups, shard_steps, trainable_products
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def stage2_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from dashclip_core.training.ray_launcher import EpochMeter, end_epoch, start_worker
+    from dashclip_core.training.checkpoints import epoch_seed
+    from dashclip_core.training.ray_launcher import EpochMeter, start_worker
     from dashclip_core.training.schedule import apply_lr, stage_lr_factor
 
     cfg = PipelineConfig.from_dict(config["pipeline"])
@@ -70,7 +72,7 @@ def stage2_worker(config: dict) -> None:
     hard = {int(k): v for k, v in json.loads(Path(config["hard_negatives"]).read_text()).items()}
     product_emb = torch.from_numpy(np.load(config["product_emb"]))
     positive_pairs = set(zip(pos["query"], pos["product_idx"]))
-    builder = InputBuilder(cfg.model)
+    builder = InputBuilder(cfg.model, images=ImagePolicy.for_pipeline(cfg))  # the catalog's roots and limits
     torch.manual_seed(cfg.train.seed)
     product_encoder = load_product_encoder(Path(config["stage1_dir"]))
     model = Stage2Model(QueryEncoder.from_product_encoder(product_encoder, cfg.model.text.trainable_layers), cfg)
@@ -85,9 +87,12 @@ def stage2_worker(config: dict) -> None:
         ddp_encoder = ray.train.torch.prepare_model(model.query_encoder)
     else:
         model = ray.train.torch.prepare_model(model)
-    rng = np.random.default_rng(cfg.train.seed * 7919 + rank)
 
     for epoch in range(start_epoch, cfg.train.stage2_epochs):
+        # Random streams restart from (seed, rank, epoch): a resumed run draws what an uninterrupted one would
+        # (dropout from torch's global generator, hard-negative picks from rng).
+        torch.manual_seed(epoch_seed(cfg.train.seed, rank, epoch, 0))
+        rng = np.random.default_rng(epoch_seed(cfg.train.seed, rank, epoch, 3))
         model.train()
         meter = EpochMeter(mlflow_log, cfg.train.stage2_batch_size)
         steps = shard_steps(len(pos), cfg.train.stage2_batch_size, world, rank, cfg.train.seed + 17, epoch)
@@ -124,7 +129,7 @@ def stage2_worker(config: dict) -> None:
         if rank == 0:  # the progress line `dashclip run` shows ("<what> epoch i/n ...")
             logger.info("stage2 epoch %d/%d: loss_qcc %.4f, %.1f samples/s", epoch + 1, cfg.train.stage2_epochs,
                         metrics.get("loss_qcc", float("nan")), metrics["samples_per_s"])
-        end_epoch(model, opt, epoch, step, metrics, precision)
+        w.end_epoch(model, epoch, step, metrics)
 
 
 def wise_interpolate(trained: nn.Module, initial: nn.Module, alpha: float) -> None:
@@ -150,7 +155,7 @@ def anchor_embeddings(encoder, cfg: PipelineConfig, products: pd.DataFrame, ray_
     left one that covers them (only the image tower's tail runs), else from the photos."""
     from dashclip_core.models.image_stem import StemStore, embeddings_from_pooled
 
-    builder = InputBuilder(cfg.model)
+    builder = InputBuilder(cfg.model, images=ImagePolicy.for_pipeline(cfg))
     with_image = products.loc[products["image_uri"].notna(), "product_id"]
     store = StemStore.open(ray_storage / IMAGE_STEM, cfg.model)
     if store is None or not store.covers(with_image):
@@ -161,6 +166,7 @@ def anchor_embeddings(encoder, cfg: PipelineConfig, products: pd.DataFrame, ray_
 def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, stage1_dir: Path, out_dir: Path,
                  ray_storage: Path, ray_name: str, mlflow_run: dict) -> dict:
     """Embed the anchor products with the frozen stage-1 encoder, train the query encoder, write ``out_dir/query_encoder``."""
+    from dashclip_core.training.checkpoints import file_digest, frame_digest, stage_fingerprint
     from dashclip_core.training.precision import autocast_dtype
     from dashclip_core.training.ray_launcher import fit, read_checkpoint
 
@@ -195,7 +201,15 @@ def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFra
     final_metrics: dict = {}
     precision = None
     if cfg.train.stage2_epochs > 0:
-        result = fit(stage2_worker, loop, cfg, ray_name, ray_storage)
+        # What the checkpoints are trained from (a retry resumes them only when unchanged): the labelled
+        # examples, the hard negatives, the frozen stage-1 encoder and the anchor products it embeds.
+        fingerprint = stage_fingerprint(cfg, "stage2", {
+            "examples": frame_digest(pos, ["query", "product_id", "label", "product_idx"]),
+            "hard_negatives": file_digest(outputs.hard_negatives),
+            "stage1_encoder": file_digest(Path(stage1_dir) / WEIGHTS),
+            "anchor_products": frame_digest(products.iloc[used], ["product_id", "title", "description", "image_uri"]),
+        })
+        result = fit(stage2_worker, loop, cfg, ray_name, ray_storage, fingerprint, "stage2")
         model.load_state_dict(read_checkpoint(result)["model"])
         final_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         precision = result.metrics.get("precision", "fp32")

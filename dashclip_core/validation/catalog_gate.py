@@ -7,9 +7,15 @@ The gate runs one GX suite over the snapshot's ``products`` frame (CONTRACTS.md,
 2. ``title``, when present, is not empty or whitespace-only. A null title is fine: image-only
    products legitimately have none.
 3. ``category`` is not null and not blank.
-4. Every non-null ``image_uri`` decodes (PIL ``open`` + ``load``). The decode happens in Python and
+4. Every non-null ``image_uri`` is allowed and decodes, read through
+   :func:`dashclip_core.storage.images.check_image` under the run's :class:`~dashclip_core.storage.images.ImagePolicy`:
+   inside an allowed root (the catalog's folder, ``catalog.image_roots``), a regular file of at most
+   ``catalog.max_image_bytes``, at most ``catalog.max_image_pixels`` (checked on the header, before
+   decoding), decoded in full within ``catalog.image_read_timeout_s``. The check happens in Python and
    its outcome becomes the boolean column ``image_readable`` that GX checks, so the GX result is the
-   single source of truth for which rows are bad.
+   single source of truth for which rows are bad; the quarantine reason carries the reason code
+   (``image_outside_roots``, ``image_not_found``, ``image_not_a_file``, ``image_too_large``,
+   ``image_too_many_pixels``, ``image_unreadable``, ``image_timeout``).
 5. Every product has a non-empty title or a readable image (column ``has_title_or_image``).
 
 Rows that fail any expectation go to ``quarantine`` with the reasons joined by ``"; "``; the rest
@@ -23,12 +29,11 @@ The GX runner and the report helpers are shared with the label and embedding gat
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,14 @@ import pandas as pd
 
 from dashclip_core.config import ValidationConfig
 from dashclip_core.layout import CatalogGate
-from dashclip_core.validation.expectations import BLANK, failing_summary, run_expectations, write_report
+from dashclip_core.storage.images import ImagePolicy, ImageRejected, PixelBudget, check_image
+from dashclip_core.validation.expectations import (
+    BLANK,
+    failing_summary,
+    run_expectations,
+    write_data_docs,
+    write_report,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,47 +68,27 @@ class CatalogGateResult:
             input), ``reason`` (every problem found, joined by ``"; "``).
         summary: JSON-serialisable figures: ``n_rows``, ``n_bad``, ``n_clean``, ``bad_fraction``, the
             thresholds, and ``failing_expectations`` (check, column, count, sample of bad ids).
+        validation_results: the GX validation result behind ``summary``; :func:`write_gate_outputs`
+            renders it as the gate's Data Docs.
     """
 
     passed: bool
     clean: pd.DataFrame
     quarantine: pd.DataFrame
     summary: dict[str, Any]
+    validation_results: list[Any] = field(default_factory=list)
 
 
-def read_local_bytes(uri: str) -> bytes:
-    """Default image reader: the bytes of a local file (``file://`` prefix allowed)."""
-    uri = uri.removeprefix("file://")
-    return Path(uri).read_bytes()
-
-
-def check_image(uri: str, read_bytes: Callable[[str], bytes] = read_local_bytes) -> str | None:
-    """Decode one image fully.
-
-    Args:
-        uri: local path or any URI ``read_bytes`` understands.
-        read_bytes: returns the raw bytes of ``uri``.
-
-    Returns:
-        None when the image decodes, else ``"<ExceptionType>: <message>"``.
-    """
-    from PIL import Image, UnidentifiedImageError  # pillow is only needed when a catalog is validated
-
-    try:
-        with Image.open(io.BytesIO(read_bytes(uri))) as img:
-            img.load()  # open() only reads the header; load() decodes the pixels and finds truncation
-    except UnidentifiedImageError:
-        # PIL's own message names the in-memory buffer, not the file; the caller adds the URI.
-        return "UnidentifiedImageError: not a recognised image format"
-    except Exception as exc:  # noqa: BLE001 - any failure to read or decode makes the image unusable
-        return f"{type(exc).__name__}: {exc}"
-    return None
+def image_reason(product_id, uri: str, rejected: ImageRejected) -> str:
+    """Quarantine reason of a rejected image, naming the product, the field and the reason code, e.g.
+    ``image too large (image_too_large): product 'p1', field image_uri '/c/p1.png': 3 bytes > max 2 bytes``."""
+    return f"{str(rejected).split(':', 1)[0]}: product {product_id!r}, field image_uri {uri!r}: {rejected.detail}"
 
 
 def validate_catalog(
     products: pd.DataFrame,
     cfg: ValidationConfig,
-    read_bytes: Callable[[str], bytes] | None = None,
+    images: ImagePolicy | None = None,
     max_workers: int = 8,
 ) -> CatalogGateResult:
     """Validate a catalog snapshot and split it into clean and quarantined rows.
@@ -105,16 +97,17 @@ def validate_catalog(
         products: the snapshot's products frame (CONTRACTS.md); needs the columns ``product_id``,
             ``title``, ``category`` and ``image_uri`` (other columns are carried into ``clean``).
         cfg: thresholds (``max_bad_product_fraction``, ``min_products``).
-        read_bytes: reads the bytes of an image URI. Default: local files only; pass one (e.g. from
-            ``dashclip_core.storage``) when ``image_uri`` holds ``s3://`` URIs.
-        max_workers: threads used to read and decode images (reads from S3 are I/O bound).
+        images: which image locations may be read and the byte / pixel / time limits; the DAG passes
+            ``ImagePolicy.for_pipeline(cfg)``. Default: any location with the default limits (for
+            library use on trusted frames). ``s3://`` URIs are read with boto3.
+        max_workers: threads used to read and decode images (reads from S3 are I/O bound); at most
+            ``2 * images.max_pixels`` pixels decode at once, whatever the thread count.
 
     Returns:
         A :class:`CatalogGateResult`.
 
     Raises:
-        ValueError: a required column is missing, or an ``s3://`` image URI is found without a
-            ``read_bytes`` callable.
+        ValueError: a required column is missing.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in products.columns]
     if missing:
@@ -126,21 +119,17 @@ def validate_catalog(
     n_rows = len(products)
     uris = products["image_uri"].astype(object).where(products["image_uri"].notna(), None).tolist()
 
-    # Step 4: decode every image in Python; GX then checks the boolean outcome.
-    if read_bytes is None:
-        s3_rows = [i for i, u in enumerate(uris) if isinstance(u, str) and u.startswith("s3://")]
-        if s3_rows:
-            i = s3_rows[0]
-            raise ValueError(
-                f"products row {i}: field 'image_uri' is {uris[i]!r}, an S3 URI ({len(s3_rows)} such rows), "
-                "but no read_bytes was given; pass read_bytes that can read s3:// URIs"
-            )
-        read_bytes = read_local_bytes
+    # Step 4: check and decode every image in Python; GX then checks the boolean outcome.
+    images = images if images is not None else ImagePolicy()
+    budget = PixelBudget(2 * images.max_pixels)  # bounds the gate's decode memory, not only each image's
     image_rows = [i for i, u in enumerate(uris) if u is not None]
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-        errors = list(pool.map(lambda i: check_image(str(uris[i]), read_bytes), image_rows))
-    image_error: dict[int, str] = {i: e for i, e in zip(image_rows, errors) if e is not None}
-    logger.info("catalog gate: decoded %d images, %d unreadable", len(image_rows), len(image_error))
+        errors = list(pool.map(lambda i: check_image(str(uris[i]), images, budget), image_rows))
+    image_error: dict[int, ImageRejected] = {i: e for i, e in zip(image_rows, errors) if e is not None}
+    by_code: dict[str, int] = {}
+    for rejected in image_error.values():
+        by_code[rejected.reason_code] = by_code.get(rejected.reason_code, 0) + 1
+    logger.info("catalog gate: checked %d images, %d rejected %s", len(image_rows), len(image_error), by_code or "")
 
     titles = products["title"].astype(object).where(products["title"].notna(), None)
     has_title = titles.map(lambda t: isinstance(t, str) and t.strip() != "")
@@ -185,7 +174,10 @@ def validate_catalog(
         "title_not_blank": lambda i: "title is empty",
         "category_not_null": lambda i: "category is missing",
         "category_not_blank": lambda i: "category is empty",
-        "image_readable": lambda i: f"image unreadable: {uris[i]}: {image_error.get(i, 'unknown error')}",
+        "image_readable": lambda i: (
+            image_reason(ids[i], uris[i], image_error[i]) if i in image_error
+            else f"image unreadable: product {ids[i]!r}, field image_uri {uris[i]!r}"
+        ),
         "has_title_or_image": lambda i: (
             "no title and no image" if uris[i] is None else "no title and no readable image"
         ),
@@ -218,6 +210,7 @@ def validate_catalog(
         "min_products": cfg.min_products,
         "n_images_checked": len(image_rows),
         "n_images_unreadable": len(image_error),
+        "n_images_rejected_by_reason": dict(sorted(by_code.items())),
         "failing_expectations": failing_summary(outcomes, ids),
     }
     if passed:
@@ -232,11 +225,12 @@ def validate_catalog(
             cfg.min_products,
             [f["check"] for f in summary["failing_expectations"]],
         )
-    return CatalogGateResult(passed=passed, clean=clean, quarantine=quarantine, summary=summary)
+    return CatalogGateResult(passed=passed, clean=clean, quarantine=quarantine, summary=summary,
+                             validation_results=[outcomes.validation_result])
 
 
 def write_gate_outputs(result: CatalogGateResult, out_dir: str | os.PathLike) -> Path:
-    """Write ``clean.parquet``, ``quarantine.parquet`` (always, possibly empty) and ``report.json``.
+    """Write ``clean.parquet``, ``quarantine.parquet`` (always, possibly empty), ``report.json`` and ``data_docs/``.
 
     Args:
         result: output of :func:`validate_catalog`.
@@ -252,4 +246,5 @@ def write_gate_outputs(result: CatalogGateResult, out_dir: str | os.PathLike) ->
     quarantine = result.quarantine.reindex(columns=list(QUARANTINE_COLUMNS))
     quarantine = quarantine.astype({"product_id": "string", "row": "int64", "reason": "string"})
     quarantine.to_parquet(files.quarantine, index=False)
+    write_data_docs(result.validation_results, out)  # data_docs/: GX's own pages of this validation
     return write_report(result.passed, result.summary, out)
