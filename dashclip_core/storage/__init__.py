@@ -2,13 +2,18 @@
 
 from dashclip_core.storage.run_paths import (
     SUCCESS,
+    IncompletePublicationError,
     RunPaths,
     exists,
     is_s3,
     localize,
+    manifest_of,
+    parse_manifest,
     read_json,
     safe_run_id,
+    verify_against_manifest,
     write_json,
 )
 
-__all__ = ["SUCCESS", "RunPaths", "exists", "is_s3", "localize", "read_json", "safe_run_id", "write_json"]
+__all__ = ["SUCCESS", "IncompletePublicationError", "RunPaths", "exists", "is_s3", "localize", "manifest_of", "parse_manifest",
+           "read_json", "safe_run_id", "verify_against_manifest", "write_json"]

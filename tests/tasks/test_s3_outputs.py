@@ -29,3 +29,26 @@ def test_extract_and_gate_write_run_scoped_outputs_to_s3(s3_endpoint, tiny_confi
     assert again == snap
     products = pd.read_parquet(tmp_path / "cache" / "s3" / "dashclip-runs" / prefix / "products.parquet")
     assert len(products) == snap["n_products"]
+
+
+def test_published_step_marker_is_a_manifest_of_its_objects(s3_endpoint, tiny_config, tmp_path):
+    """``_SUCCESS`` lists every object of the step with its size and SHA-256 (CONTRACTS.md, publication protocol)."""
+    import hashlib
+
+    import boto3
+
+    from dashclip_core.storage import parse_manifest
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="dashclip-manifest-task")
+    cfg_path = tmp_path / "s3.yaml"
+    cfg_path.write_text(tiny_config.read_text() + f"storage:\n  root: s3://dashclip-manifest-task/runs\n  s3_endpoint_url: {s3_endpoint}\n"
+                        f"  cache_dir: {tmp_path / 'cache'}\n  s3_max_attempts: 3\n")
+    snap = steps.extract_catalog(params={"config_path": str(cfg_path)}, run_id="manual__manifest")
+    prefix = snap["uri"][len("s3://dashclip-manifest-task/"):]
+    manifest = parse_manifest(s3.get_object(Bucket="dashclip-manifest-task", Key=f"{prefix}/_SUCCESS")["Body"].read().decode(), prefix)
+    objects = {o["Key"][len(prefix) + 1:]: o for o in s3.list_objects_v2(Bucket="dashclip-manifest-task", Prefix=prefix + "/")["Contents"]}
+    assert set(manifest["files"]) == set(objects) - {"_SUCCESS"} >= {"products.parquet", "summary.json"}
+    for rel, meta in manifest["files"].items():
+        body = s3.get_object(Bucket="dashclip-manifest-task", Key=f"{prefix}/{rel}")["Body"].read()
+        assert meta == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
