@@ -3,6 +3,11 @@
 Ray Train V2 (Ray 2.60): a run resumes when it is re-created with the same ``storage_path`` and
 ``name``; each worker then reads ``ray.train.get_checkpoint()``. Every worker calls
 ``ray.train.report`` the same number of times; only rank 0 attaches a checkpoint and logs.
+
+Within one ``fit``, a worker that dies or raises makes Ray restart the whole worker group from the last
+reported checkpoint, up to ``train.max_failures`` times (``FailureConfig``). Across ``fit`` calls (a
+retried task), :func:`~dashclip_core.training.checkpoints.choose_run_name` resumes a run only when its
+checkpoints were trained from the same config and data (see ``checkpoints.py`` for the file format).
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from pathlib import Path
 import torch
 
 from dashclip_core.config import PipelineConfig
+from dashclip_core.training.checkpoints import Fingerprint, choose_run_name, write_checkpoint
+from dashclip_core.training.checkpoints import read_checkpoint as read_checkpoint_folder
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "checkpoint.pt"
 
 # Defaults for a local, single-machine Ray (see ../shared/STACK.md); an explicit environment wins.
 _LOCAL_RAY_ENV = {
@@ -47,20 +52,26 @@ def ensure_ray(cfg: PipelineConfig) -> None:
              runtime_env={"env_vars": {k: os.environ[k] for k in _LOCAL_RAY_ENV}})
 
 
-def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: PipelineConfig, name: str, storage_path: Path):
+def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: PipelineConfig, name: str, storage_path: Path,
+        fingerprint: Fingerprint, stage: str):
     """Run ``train_fn`` on ``cfg.train.num_workers`` Ray workers and return the ``ray.train.Result``.
 
     Args:
         train_fn: per-worker loop (module-level function, importable on the workers).
-        loop_config: JSON-able dict given to every worker.
-        cfg: resolved pipeline config (scaling comes from ``cfg.train``).
-        name: run name; with ``storage_path`` it identifies the run, so a retry resumes it.
-        storage_path: where Ray keeps checkpoints (a local folder, or a URI Ray supports).
+        loop_config: JSON-able dict given to every worker (``fingerprint`` is added).
+        cfg: resolved pipeline config (scaling and ``max_failures`` come from ``cfg.train``).
+        name: run name; with ``storage_path`` it identifies the run, so a retry with the same inputs resumes it
+            (other inputs train under another name, see :func:`choose_run_name`).
+        storage_path: where Ray keeps checkpoints (a local folder).
+        fingerprint: what this run is trained from; every checkpoint records it.
+        stage: "stage1" / "stage2", for messages.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ensure_ray(cfg)
+    name = choose_run_name(Path(storage_path), name, fingerprint, stage)
+    loop_config = {**loop_config, "fingerprint": fingerprint.to_json()}
     scaling = ScalingConfig(
         num_workers=cfg.train.num_workers,
         use_gpu=cfg.train.use_gpu,
@@ -70,7 +81,8 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: PipelineConfig
         train_fn,
         train_loop_config=loop_config,
         scaling_config=scaling,
-        run_config=RunConfig(name=name, storage_path=str(storage_path), checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        run_config=RunConfig(name=name, storage_path=str(storage_path), checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     result = trainer.fit()
     if result.error:
@@ -78,41 +90,50 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: PipelineConfig
     return result
 
 
-def save_checkpoint(state: dict, metrics: dict) -> None:
-    """Report ``metrics``; rank 0 also attaches ``state`` as a checkpoint. Call on every worker."""
+def save_checkpoint(state: dict, meta: dict, metrics: dict) -> None:
+    """Report ``metrics``; rank 0 also attaches a checkpoint of ``state`` (tensors) and ``meta`` (JSON). Call on every worker."""
     import ray.train
 
     if ray.train.get_context().get_world_rank() == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+            write_checkpoint(Path(tmp), state, meta)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics)
 
 
-def load_latest_checkpoint() -> dict | None:
-    """The state saved by :func:`save_checkpoint` in an earlier attempt of this run, if any."""
+def load_latest_checkpoint(fingerprint: dict) -> tuple[dict, dict] | None:
+    """(state, meta) saved by :func:`save_checkpoint` in an earlier attempt of this run, if any.
+
+    Raises when that checkpoint was trained from other inputs than ``fingerprint`` (JSON form). The
+    launcher already picked a run whose checkpoints match, so this only fires if a folder was swapped."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state, meta = read_checkpoint_folder(Path(d))
+    recorded = (meta.get("fingerprint") or {}).get("digest")
+    if recorded != fingerprint["digest"]:
+        raise RuntimeError(f"checkpoint {ckpt.path} was trained from other inputs (fingerprint {str(recorded)[:12]}, "
+                           f"this run {fingerprint['digest'][:12]}); refusing to resume from it")
+    return state, meta
 
 
-def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, stage: str, precision=None) -> tuple[int, int]:
+def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, stage: str, fingerprint: dict, precision=None) -> tuple[int, int]:
     """Load the latest checkpoint of this run into ``model``/``opt`` (and the fp16 loss scale into
     ``precision``, a :class:`~dashclip_core.training.precision.MixedPrecision`); return (start_epoch, step)."""
-    state = load_latest_checkpoint()
-    if state is None:
+    loaded = load_latest_checkpoint(fingerprint)
+    if loaded is None:
         return 0, 0
+    state, meta = loaded
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     if precision is not None:
         precision.load_state_dict(state.get("precision"))
-    logger.info("%s resumes at epoch %d (step %d)", stage, state["epoch"] + 1, state["step"])
-    return state["epoch"] + 1, state["step"]
+    logger.info("%s resumes from the checkpoint after epoch %d (step %d)", stage, meta["epoch"] + 1, meta["step"])
+    return meta["epoch"] + 1, meta["step"]
 
 
 @dataclass
@@ -128,6 +149,7 @@ class WorkerStart:
         precision: :class:`~dashclip_core.training.precision.MixedPrecision` of ``train.amp``.
         start_epoch / step: where a retried run continues (0, 0 for a fresh run).
         mlflow_log: per-step metrics from rank 0.
+        fingerprint: what the run is trained from (JSON form), recorded in every checkpoint.
     """
 
     cfg: PipelineConfig
@@ -140,6 +162,13 @@ class WorkerStart:
     start_epoch: int
     step: int
     mlflow_log: MetricsLogger
+    fingerprint: dict
+
+    def end_epoch(self, model: torch.nn.Module, epoch: int, step: int, metrics: dict) -> None:
+        """Checkpoint after ``epoch`` and report ``metrics`` (on every worker)."""
+        end_epoch(model, self.opt, epoch, step, metrics, self.precision,
+                  meta={"epoch": epoch, "step": step, "resumed_from_epoch": self.start_epoch - 1 if self.start_epoch else None,
+                        "fingerprint": self.fingerprint})
 
 
 def start_worker(cfg: PipelineConfig, loop_config: dict, stage: str, model: torch.nn.Module, param_groups: list[dict]) -> WorkerStart:
@@ -157,22 +186,24 @@ def start_worker(cfg: PipelineConfig, loop_config: dict, stage: str, model: torc
     base_lrs = [g["lr"] for g in opt.param_groups]  # before resume: the checkpoint's optimizer holds a decayed rate
     device = ray.train.torch.get_device()
     precision = MixedPrecision(cfg.train.amp, device, cfg.train.max_nonfinite_steps, stage)
-    start_epoch, step = resume(model, opt, stage, precision)  # a retried run continues after its last finished epoch
+    fingerprint = loop_config["fingerprint"]
+    start_epoch, step = resume(model, opt, stage, fingerprint, precision)  # a retried run continues after its last finished epoch
     mlflow = loop_config["mlflow"]
     rank = ctx.get_world_rank()
     return WorkerStart(cfg, rank, ctx.get_world_size(), device, opt, base_lrs, precision, start_epoch, step,
-                       MetricsLogger(mlflow["tracking_uri"], mlflow["run_id"], stage, enabled=rank == 0))
+                       MetricsLogger(mlflow["tracking_uri"], mlflow["run_id"], stage, enabled=rank == 0), fingerprint)
 
 
-def end_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int, metrics: dict, precision=None) -> None:
+def end_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int, metrics: dict, precision=None,
+              meta: dict | None = None) -> None:
     """Checkpoint the unwrapped model, the optimizer (and the loss scale of ``precision``) after an epoch and
-    report (on every worker)."""
+    report (on every worker). ``meta`` (JSON) goes to ``checkpoint.json``; epoch and step are always in it."""
     inner = model.module if hasattr(model, "module") else model
-    state = {"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step}
+    state = {"model": inner.state_dict(), "optimizer": opt.state_dict()}
     if precision is not None:
         state["precision"] = precision.state_dict()
         metrics = {**metrics, "precision": precision.name, "skipped_steps_total": precision.skipped_total}
-    save_checkpoint(state, metrics)
+    save_checkpoint(state, {**(meta or {}), "epoch": epoch, "step": step}, metrics)
 
 
 class EpochMeter:
@@ -205,8 +236,9 @@ class EpochMeter:
 
 
 def read_checkpoint(result) -> dict:
+    """The tensors of the final checkpoint of a ``ray.train.Result`` (loaded with ``weights_only=True``)."""
     with result.checkpoint.as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        return read_checkpoint_folder(Path(d))[0]
 
 
 class MetricsLogger:
