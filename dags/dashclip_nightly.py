@@ -37,7 +37,7 @@ def step(fn):
     default_args=DEFAULT_ARGS,
     tags=["dashclip", "training"],
     params={
-        "config_path": Param(DEFAULT_CONFIG, type="string", description="Pipeline config (YAML), relative to the project root"),
+        "config_path": Param(DEFAULT_CONFIG, type="string", description="Pipeline config (YAML): a file under the project's configs/ or a folder in DASHCLIP_CONFIG_DIRS"),
         "sample_size": Param(None, type=["null", "integer"], minimum=0, description="Products to sample from the catalog (empty = config)"),
         "epochs": Param(None, type=["null", "integer"], minimum=0, description="Epochs of both training stages (empty = config)"),
         "num_workers": Param(None, type=["null", "integer"], minimum=1, description="Ray Train workers (empty = config)"),

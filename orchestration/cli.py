@@ -24,6 +24,7 @@ from pathlib import Path
 from dashclip_core.cli import add_library_commands, configure_logging
 from dashclip_core.config import DEFAULT_CONFIG, PROJECT_ROOT, PipelineConfig, dashclip_home
 from dashclip_core.layout import DAG_ID
+from dashclip_core.redaction import redact_text, register_config_secrets
 from dashclip_core.storage import is_s3, safe_run_id
 from orchestration.console import ERROR_TAIL_LINES, LogFollower, StepReporter, error_tail
 from orchestration.runs import (
@@ -35,6 +36,7 @@ from orchestration.runs import (
     task_states,
 )
 from orchestration.summary import run_layout, summary_lines
+from tasks.common import CONFIG_DIRS_ENV
 
 RUN_LOG = "dags_test.log"  # in the run folder: everything `airflow dags test` printed
 POLL_S = 2.0
@@ -72,7 +74,10 @@ class RunLog:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the DAG with ``airflow dags test`` (output to the log file), report its steps, print the summary."""
     cfg = PipelineConfig.from_file(args.config)  # a bad config fails here, before Airflow starts
-    conf = {"config_path": args.config}
+    register_config_secrets(cfg.to_dict())  # masked in what this command prints
+    config_file = _config_file(args.config)
+    # the tasks read a relative config_path against the project root: pass the file this command read
+    conf = {"config_path": args.config if (PROJECT_ROOT / args.config).resolve() == config_file else str(config_file)}
     for key in ("sample_size", "epochs", "num_workers"):
         if getattr(args, key) is not None:
             conf[key] = getattr(args, key)
@@ -84,6 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = RunLog()
     airflow = Path(sys.executable).with_name("airflow")
     env = {**airflow_env(), "PYTHONUNBUFFERED": "1"}  # the log (and the progress lines read from it) stay current
+    env[CONFIG_DIRS_ENV] = allow_config_folder(config_file, env.get(CONFIG_DIRS_ENV, ""))
     print(f"running DAG {DAG_ID} with airflow dags test (config {args.config})", flush=True)
     t0 = time.time()
     proc = subprocess.Popen([str(airflow), "dags", "test", DAG_ID, "-c", json.dumps(conf)], cwd=PROJECT_ROOT, env=env,
@@ -127,14 +133,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return proc.returncode
 
 
+def _config_file(config_path: str) -> Path:
+    """The file ``PipelineConfig.from_file(config_path)`` reads (relative: the current folder, else the project root)."""
+    path = Path(config_path)
+    return (path if path.is_absolute() or path.exists() else PROJECT_ROOT / path).resolve()
+
+
+def allow_config_folder(config_file: Path, config_dirs: str) -> str:
+    """``$DASHCLIP_CONFIG_DIRS`` for the DAG run this command starts, with the folder of ``--config`` added.
+
+    The DAG's tasks accept only configs under ``configs/`` or those folders (a DAG param comes from whoever
+    can trigger a run); ``dashclip run`` is the operator on their own machine, so the config they name is allowed.
+    """
+    folder = str(config_file.parent)
+    dirs = [d for d in config_dirs.split(os.pathsep) if d]
+    return os.pathsep.join(dirs if folder in dirs else [*dirs, folder])
+
+
 def _print_error(log_path: Path, file=None) -> None:
-    """The last lines of the newest error in the log, indented under the step line."""
+    """The last lines of the newest error in the log, indented under the step line (secrets masked)."""
     try:
         lines = log_path.read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return
     for line in error_tail(lines, ERROR_TAIL_LINES):
-        print(f"        | {line}", file=file or sys.stdout)
+        print(f"        | {redact_text(line)}", file=file or sys.stdout)
     print(f"        | (full log: {log_path})", file=file or sys.stdout, flush=True)
 
 

@@ -1,11 +1,17 @@
 """Airflow connections resolved for the tasks: the one place that reads them (``dashclip_core`` never imports Airflow).
 
 Airflow and the library are imported inside each function, so importing ``tasks`` stays cheap and Airflow-free.
+Every password or key read here is registered for masking (:mod:`tasks.masking`) before it is used, in its raw
+and percent-encoded forms: the URL built from a connection carries the encoded one, which Airflow's masker
+would not recognise by itself.
 """
 
 from __future__ import annotations
 
 import logging
+
+from dashclip_core.redaction import secrets_in_config
+from tasks.masking import protect
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ def credentials_from_airflow_connection(conn_id: str) -> tuple[str, str | None]:
     from dashclip_core.labeling.openai_backend import base_url_from_connection
 
     conn = Connection.get(conn_id)
+    protect([conn.password])  # the Task SDK's Connection does not mask its password itself
     return base_url_from_connection(conn.host, conn.schema, conn.port, conn.extra_dejson), (conn.password or None)
 
 
@@ -42,7 +49,11 @@ def catalog_url(cfg) -> str:
     if cfg.catalog.airflow_conn_id:
         from airflow.sdk import Connection
 
-        return sqlalchemy_url(Connection.get(cfg.catalog.airflow_conn_id))
+        conn = Connection.get(cfg.catalog.airflow_conn_id)
+        protect([conn.password])
+        url = sqlalchemy_url(conn)
+        protect(secrets_in_config({"sqlalchemy_url": url}))  # a password inside extra.sqlalchemy_url too
+        return url
     return ensure_source_catalog(cfg)
 
 
@@ -76,6 +87,7 @@ def llm_endpoint(lc):
 
     if lc.labeler != "openai":
         return None
+    protect([os.environ.get("OPENAI_API_KEY")])
     if lc.llm_connection_id:
         from airflow.sdk.exceptions import AirflowNotFoundException
 

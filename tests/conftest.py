@@ -18,6 +18,7 @@ _HOME = Path(tempfile.mkdtemp(prefix="dashclip-test-"))
 
 os.environ.update({
     "DASHCLIP_HOME": str(_HOME),
+    "DASHCLIP_CONFIG_DIRS": str(_HOME),  # run configs that tests write (tasks/common.py allows only these + configs/)
     "AIRFLOW_HOME": str(_HOME / "airflow"),
     "AIRFLOW_CONFIG": str(ROOT / "airflow.cfg"),
     "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
@@ -56,6 +57,12 @@ def _register_openai_test_server() -> None:
 
 
 _register_openai_test_server()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _config_dirs_allow_tmp_path(tmp_path_factory):
+    """Tests write run configs into their ``tmp_path``: allow pytest's temp root beside the session home."""
+    os.environ["DASHCLIP_CONFIG_DIRS"] = os.pathsep.join([str(_HOME), str(tmp_path_factory.getbasetemp())])
 
 
 @pytest.fixture(scope="session")

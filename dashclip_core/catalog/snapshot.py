@@ -1,19 +1,22 @@
 """Catalog extraction: SQL (through SQLAlchemy) -> a parquet snapshot of products, search log and human labels.
 
 The snapshot is the named input of every later step (never "the latest catalog"): image URIs are
-resolved to absolute paths (relative ones against the database's folder), and an optional
-deterministic sample keeps the run small.
+made absolute (relative ones against the database's folder), and an optional deterministic sample
+keeps the run small. Nothing is opened here: the catalog gate reads every image under the run's
+:class:`~dashclip_core.storage.images.ImagePolicy` and quarantines the ones outside its roots.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import pandas as pd
 
 from dashclip_core.config import PipelineConfig
+from dashclip_core.redaction import redact_text, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +52,9 @@ def ensure_source_catalog(cfg: PipelineConfig) -> str:
 
 def _db_folder(db_url: str) -> Path | None:
     """Folder of a SQLite database file (relative image URIs resolve against it)."""
-    if db_url.startswith("sqlite:///"):
-        return Path(db_url[len("sqlite:///") :]).resolve().parent
-    return None
+    from dashclip_core.storage.images import sqlite_folder
+
+    return sqlite_folder(db_url)
 
 
 def read_catalog(db_url: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -60,13 +63,17 @@ def read_catalog(db_url: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
 
     engine = sa.create_engine(db_url)
     try:
-        with engine.connect() as conn:
+        try:
+            conn = engine.connect()
+        except sa.exc.OperationalError as err:  # name the DB, never its password (the URL leaves the process in errors)
+            raise ConnectionError(f"catalog DB {redact_url(db_url)} is unreachable: {redact_text(str(err.orig))}") from err
+        with conn:
             tables = {}
             for table, cols in (("products", PRODUCT_COLUMNS), ("search_log", LOG_COLUMNS), ("human_labels", LABEL_COLUMNS)):
                 df = pd.read_sql(sa.text(f"SELECT * FROM {table}"), conn)
                 missing = [c for c in cols if c not in df.columns]
                 if missing:
-                    raise ValueError(f"{db_url}: table '{table}' lacks column(s) {missing}; expected {cols}")
+                    raise ValueError(f"{redact_url(db_url)}: table '{table}' lacks column(s) {missing}; expected {cols}")
                 tables[table] = df[cols]
     finally:
         engine.dispose()
@@ -74,12 +81,22 @@ def read_catalog(db_url: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
 
 
 def resolve_image_uris(products: pd.DataFrame, base: Path | None) -> pd.DataFrame:
+    """``image_uri`` made absolute: relative paths join the catalog's folder ``base``; blanks become null.
+
+    Symlinks are not followed and a ``..`` that leaves ``base`` is kept as written (``<base>/../../x.png``),
+    so the gate's quarantine reason shows the URI the catalog gave and what it resolves to. A relative
+    URI without a ``base`` (a non-SQLite catalog) stays relative, and the gate refuses it rather than
+    resolve it against whatever folder a worker runs in.
+    """
     def resolve(uri):
         if not isinstance(uri, str) or not uri.strip():
             return None
-        if uri.startswith(("s3://", "/")) or base is None:
+        uri = uri.strip()
+        if uri.startswith(("s3://", "file://", "/")) or "://" in uri or base is None:
             return uri
-        return str((base / uri).resolve())
+        joined = os.path.join(str(base), uri)
+        tidy = os.path.normpath(joined)
+        return tidy if tidy.startswith(str(base).rstrip(os.sep) + os.sep) else joined
 
     return products.assign(image_uri=products["image_uri"].map(resolve))
 
@@ -99,10 +116,13 @@ def extract_snapshot(cfg: PipelineConfig, db_url: str, out_dir: Path) -> dict:
 
     products, log, labels = read_catalog(db_url)
     products = resolve_image_uris(products, _db_folder(db_url))
+    every_id = set(products["product_id"])
     products = sample_products(products, cfg.catalog.sample_size, cfg.catalog.seed)
     ids = set(products["product_id"])
     log = log[log["product_id"].isin(ids)]
-    labels = labels[labels["product_id"].isin(ids)]
+    # Human labels leave only with the products the sample left out: a label naming no product at all (a blank or
+    # unknown id) stays, so the human label gate quarantines it with its row and field instead of it vanishing here.
+    labels = labels[~labels["product_id"].isin(every_id - ids)]
     snapshot = Snapshot(out_dir)
     products.to_parquet(snapshot.products, index=False)
     log.to_parquet(snapshot.search_log, index=False)
