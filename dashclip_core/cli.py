@@ -72,7 +72,8 @@ class RunFolderModel:
         from dashclip_core.registry.pyfunc_model import DashclipEncoders
 
         src = resolve_model(str(run_dir))  # raises when an encoder folder is missing
-        ctx = SimpleNamespace(artifacts={PRODUCT_ENCODER: str(src.product_dir), QUERY_ENCODER: str(src.query_dir)})
+        ctx = SimpleNamespace(artifacts={PRODUCT_ENCODER: str(src.product_dir), QUERY_ENCODER: str(src.query_dir)},
+                              model_config=LOCAL_CLI_MODEL_CONFIG)
         self.model = DashclipEncoders()
         self.model.load_context(ctx)
 
@@ -85,8 +86,13 @@ def load_model(uri: str):
         import mlflow
 
         _mlflow_defaults()
-        return mlflow.pyfunc.load_model(uri)
+        return mlflow.pyfunc.load_model(uri, model_config=LOCAL_CLI_MODEL_CONFIG)
     return RunFolderModel(Path(uri))
+
+
+# `dashclip embed` runs as the user on the user's own files: image_path may name any local file they can read
+# (still regular files only, within the byte / pixel caps). A served model has no such root (pyfunc_model.py).
+LOCAL_CLI_MODEL_CONFIG = {"image_roots": [os.sep]}
 
 
 def _mlflow_defaults() -> None:
@@ -132,11 +138,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     _mlflow_defaults()
     client = MlflowClient()
+    # The alias is resolved once: the model, its index and its snapshot all come from this version, even when a
+    # concurrent promotion moves the alias meanwhile.
     version = client.get_model_version_by_alias(args.model_name, args.alias)
     tags = version.tags
     cfg = PipelineConfig()
     index = ProductIndex.load(localize(tags["index_uri"], cfg.storage.s3_endpoint_url, cfg.cache_dir()))
-    model = load_model(f"models:/{args.model_name}@{args.alias}")
+    model = load_model(f"models:/{args.model_name}/{version.version}")
     q = model.predict(pd.DataFrame({"query_id": ["q"], "query": [args.query]}))
 
     scores, ids = index.search(np.asarray(q["embedding"].tolist(), np.float32), args.k)
@@ -182,12 +190,13 @@ def resolve_model(uri: str) -> ModelSource:
     from mlflow.tracking import MlflowClient
 
     _mlflow_defaults()
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    version = _model_version(MlflowClient(), uri)  # an alias is resolved once: encoders and tags come from this version
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}"))
     artifacts = Model.load(local).flavors.get("python_function", {}).get("artifacts", {})
     missing = [a for a in (PRODUCT_ENCODER, QUERY_ENCODER) if a not in artifacts]
     if missing:
         raise ValueError(f"{uri}: MLmodel lists no artifact(s) {missing}; not a dashclip encoders model")
-    tags = _model_version(MlflowClient(), uri).tags or {}
+    tags = version.tags or {}
     snapshot = tags.get("catalog_snapshot")  # <run folder>/<the snapshot step>
     return ModelSource(local / artifacts[PRODUCT_ENCODER]["path"], local / artifacts[QUERY_ENCODER]["path"],
                        snapshot.rsplit("/", 1)[0] if snapshot else None, tags.get("config_path"))

@@ -18,4 +18,4 @@ class Row:
     data_lost: int  # must be 0
 
 
-DRILLS = ["ray_worker_kill", "task_kill_mid_publish", "concurrent_runs", "s3_faults", "bad_input"]
+DRILLS = ["ray_worker_kill", "task_kill_mid_publish", "concurrent_runs", "s3_faults", "bad_input", "hostile_images", "secrets"]

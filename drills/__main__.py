@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             out = importlib.import_module(f"drills.{name}").run(work)
             for row in out if isinstance(out, list) else [out]:
                 rows.append((name, row, time.time() - t0, ""))
-        except Exception as exc:  # a drill that raises is a failed drill: report it, go on with the others
+        except Exception as exc:  # noqa: BLE001 (a drill that raises is a failed drill: report it, go on with the others)
             traceback.print_exc()
             rows.append((name, None, time.time() - t0, f"{type(exc).__name__}: {exc}"))
     print()

@@ -105,3 +105,95 @@ def test_summary_without_an_airflow_db_says_what_to_do(tmp_path) -> None:
                          check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "cannot read the Airflow metadata DB" in out.stderr and "airflow db migrate" in out.stderr
+
+
+def _constant_query_model(vector: list[float]):
+    """A pyfunc whose every query embeds to ``vector`` (the product it finds tells which version answered).
+    Defined inside a function so that cloudpickle ships the class by value."""
+    import mlflow
+
+    class ConstantQueryEmbedding(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
+
+            return pd.DataFrame({"query_id": model_input["query_id"], "embedding": [vector] * len(model_input)})
+
+    return ConstantQueryEmbedding()
+
+
+def test_search_resolves_the_alias_once_so_model_and_index_come_from_one_version(tmp_path, monkeypatch, capsys) -> None:
+    """A promotion that moves `champion` between the CLI's registry reads must not mix two versions."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from dashclip_core.cli import main as library_main
+    from dashclip_core.config import IndexConfig
+    from dashclip_core.index.faiss_index import build_index
+
+    uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "alias-once"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    build_index(np.eye(2, dtype=np.float32), ["p-v1", "p-v2"], IndexConfig(recall_queries=0)).save(tmp_path / "index")
+    (tmp_path / "snapshot").mkdir()
+    pd.DataFrame({"product_id": ["p-v1", "p-v2"], "title": ["found by v1", "found by v2"], "category": ["a", "b"]}).to_parquet(
+        tmp_path / "snapshot" / "products.parquet")
+    client = MlflowClient(uri)
+    exp = client.create_experiment("alias", artifact_location=(tmp_path / "artifacts").as_uri())
+    for vector in ([1.0, 0.0], [0.0, 1.0]):  # v1 finds p-v1, v2 finds p-v2
+        with mlflow.start_run(experiment_id=exp):
+            info = mlflow.pyfunc.log_model(name="m", python_model=_constant_query_model(vector), registered_model_name=name)
+        client.set_model_version_tag(name, info.registered_model_version, "index_uri", str(tmp_path / "index"))
+        client.set_model_version_tag(name, info.registered_model_version, "catalog_snapshot", str(tmp_path / "snapshot"))
+    client.set_registered_model_alias(name, "champion", "1")
+
+    real_lookup = MlflowClient.get_model_version_by_alias
+
+    def lookup_then_promote(self, model_name, alias):  # a concurrent promotion lands right after the CLI's first read
+        found = real_lookup(self, model_name, alias)
+        MlflowClient(uri).set_registered_model_alias(name, "champion", "2")
+        return found
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", lookup_then_promote)
+    assert library_main(["search", "oat milk", "-k", "1", "--model-name", name]) == 0
+
+    out = capsys.readouterr().out
+    assert f"{name}@champion (v1)" in out
+    assert "p-v1  found by v1" in out, out
+
+
+def test_evaluate_resolves_the_alias_once_so_encoders_and_run_come_from_one_version(tmp_path, monkeypatch) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from dashclip_core.cli import resolve_model
+
+    uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "alias-once-eval"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("alias-eval", artifact_location=(tmp_path / "artifacts").as_uri())
+    for v in ("1", "2"):
+        for enc in ("product_encoder", "query_encoder"):
+            (tmp_path / f"v{v}" / enc).mkdir(parents=True)
+            (tmp_path / f"v{v}" / enc / "version.txt").write_text(v)
+        with mlflow.start_run(experiment_id=exp):
+            mlflow.pyfunc.log_model(name="m", python_model=_constant_query_model([1.0, 0.0]), registered_model_name=name,
+                                    artifacts={enc: str(tmp_path / f"v{v}" / enc) for enc in ("product_encoder", "query_encoder")})
+        client.set_model_version_tag(name, v, "catalog_snapshot", f"/runs/run-{v}/extract_catalog")
+    client.set_registered_model_alias(name, "champion", "1")
+    real_download = mlflow.artifacts.download_artifacts
+
+    def download_then_promote(*args, **kwargs):  # a concurrent promotion lands while the encoders download
+        local = real_download(*args, **kwargs)
+        MlflowClient(uri).set_registered_model_alias(name, "champion", "2")
+        return local
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download_then_promote)
+    src = resolve_model(f"models:/{name}@champion")
+
+    assert (src.product_dir / "version.txt").read_text() == "1" and (src.query_dir / "version.txt").read_text() == "1"
+    assert src.run_dir == "/runs/run-1"

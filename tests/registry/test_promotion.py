@@ -55,3 +55,5 @@ def test_promotion_can_be_switched_off(cfg):
     v1 = _new_version(off)
     decision = reg.promote(off, v1, 0.9, lambda uri: 0.0)
     assert not decision["promoted"] and "champion" not in reg.aliases(off)
+    # it would have won: not the same verdict as a version that lost the comparison
+    assert reg.client(off).get_model_version("promo-test", v1).tags["validation_status"] == "won_not_promoted"
