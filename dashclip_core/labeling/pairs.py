@@ -15,6 +15,7 @@ import pandas as pd
 
 from dashclip_core.baselines.bm25 import BM25Index
 from dashclip_core.config import LabelingConfig
+from dashclip_core.labeling.base import LABELS
 from dashclip_core.labeling.teacher import teacher_text
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,30 @@ def candidate_pairs(products: pd.DataFrame, search_log: pd.DataFrame, human: pd.
 
 
 def combine_labels(human: pd.DataFrame, teacher: pd.DataFrame) -> pd.DataFrame:
-    """One table: human labels (their own split) and teacher labels ('train'), with provenance."""
-    h = human[["query", "product_id", "label", "split"]].assign(source="human")
+    """One table: human labels (their own split) and teacher labels ('train'), with provenance.
+
+    Several annotators may judge one (query, product_id): their grades become one row with the rounded mean
+    (``Series.round``, half to even, as ``evaluation.report.eval_judgments`` rounds), so the table keeps one
+    label per pair (the label gate's key). A query has one split (the human label gate quarantines a query
+    found in both), so grouping by split adds no row.
+
+    Raises:
+        ValueError: a grade outside {0, 1, 2} (the gates let none through; this guards the int8 cast, which
+            would otherwise wrap 258 to 2).
+    """
+    h = (human.groupby(["query", "product_id", "split"], as_index=False, sort=False, dropna=False)["label"].mean()
+         .assign(label=lambda d: d["label"].round(), source="human"))
     t = teacher[["query", "product_id", "label"]].assign(split="train", source="teacher")
     out = pd.concat([h, t], ignore_index=True)
-    out["label"] = out["label"].astype(np.int8)
+    out["label"] = as_grades(out["label"], "combined labels")
     return out[["query", "product_id", "label", "source", "split"]]
+
+
+def as_grades(labels: pd.Series, what: str) -> pd.Series:
+    """``labels`` as int8 grades, after checking every value is 0, 1 or 2 (an int8 cast alone wraps 258 to 2)."""
+    bad = ~labels.isin(LABELS)
+    if bad.any():
+        rows = labels.index[bad].tolist()[:5]
+        raise ValueError(f"{what}: {int(bad.sum())} label(s) outside {{0, 1, 2}}, e.g. rows {rows}: "
+                         f"{labels[bad].tolist()[:5]}")
+    return labels.astype(np.int8)

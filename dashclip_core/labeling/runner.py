@@ -6,7 +6,8 @@ For every chunk of ``chunk_size`` requests:
 2. send the misses to the labeler, once per cache key (two products with the same text are asked
    about once), and only as many as the budget's estimate still allows;
 3. put the new ok results in the cache (failed ones are not cached, so the next run retries them);
-4. append the chunk's results (cache hits, new labels, failures) to the label store as one part;
+4. append the chunk's results (cache hits, new labels, failures) to the label store as one part, each
+   with its cache key (``text_key``: which product text it was graded on);
 5. charge the budget with what the labeler reported; stop if a limit is reached or step 2 had to
    leave misses out.
 
@@ -125,7 +126,9 @@ def label_pairs_streaming(requests: Iterable[LabelRequest], labeler: Labeler, ca
         # Steps 3 and 4: cache first, then the store (see the module docstring for why).
         cache.put_many(sent_results, [r for _, r in to_send])
         new = _fan_out(sent_results, to_send, groups)
-        store.append(itertools.chain(served, new), partition=lid)
+        key_of = {(r.query, r.product_id): k for k, r in zip(keys, chunk)}  # the text each grade belongs to
+        stored = [*served, *new]
+        store.append(stored, partition=lid, text_keys=[key_of[(r.query, r.product_id)] for r in stored])
 
         # Step 5: charge and account.
         for res in sent_results:

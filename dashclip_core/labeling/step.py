@@ -157,8 +157,11 @@ def run_labeling(cfg: PipelineConfig, products: pd.DataFrame, search_log: pd.Dat
         raise StoppedByBudget(streaming)
 
     # Step 8.
-    teacher, _ = store.ok_labels(labeler.labeler_id)
-    teacher = teacher.merge(cands[["query", "product_id"]], on=["query", "product_id"])  # this run's pairs only
+    # Only grades of this run's pairs *on the product text they have now* count: a product whose text changed
+    # and whose re-grade failed is a failed pair, never the old text's grade.
+    current = cands[["query", "product_id"]].assign(
+        text_key=[LabelCache.key(r, labeler.labeler_id) for r in requests_for(cands, products)])
+    teacher, _ = store.ok_labels(labeler.labeler_id, current)
     n_failed = len(cands) - len(teacher)
     if n_failed > lc.max_failed_fraction * len(cands):
         raise TooManyFailedPairs(n_failed, len(cands), labeler.labeler_id, lc.max_failed_fraction, store.root)

@@ -13,6 +13,13 @@ place: a pair labelled twice (a failed pair retried, cache hits written by a re-
 and :meth:`LabelStore.read` keeps one per (query, product_id, labeler_id): the latest ok label, or the
 latest failure when the pair never got an ok label.
 
+Every row also carries ``text_key``: the label cache key of the request it answers (a hash of the query,
+the labeler and the product text the labeler saw, :meth:`~dashclip_core.labeling.cache.LabelCache.key`).
+A grade is only valid for that text: when a product's title changes, its old ok row must not stand in for
+the new text, least of all when the re-grade failed. :meth:`LabelStore.ok_labels` therefore takes the
+current keys and ignores rows graded on another text (parts written before the column existed have a
+null ``text_key`` and match nothing; the cache still serves their text for free).
+
 Columns keep the provenance of every row: who labelled it (``labeler_id``), the LLM's ``reason``,
 tokens paid, whether it came from the cache, and when it was written (``created_at``, UTC).
 """
@@ -47,6 +54,7 @@ SCHEMA = pa.schema([
     ("output_tokens", pa.int64()),
     ("cached", pa.bool_()),
     ("created_at", pa.timestamp("us", tz="UTC")),
+    ("text_key", pa.string()),  # LabelCache.key of the graded request (null in parts written before it existed)
 ])
 COLUMNS = SCHEMA.names
 _PART = re.compile(r"^part-(\d+)\.parquet$")
@@ -71,7 +79,7 @@ class LabelStore:
     # ---- writing --------------------------------------------------------------------------------
 
     def append(self, results: Iterable[LabelResult], partition: str | None = None,
-               created_at: datetime | None = None) -> Path | None:
+               created_at: datetime | None = None, text_keys: Iterable[str | None] | None = None) -> Path | None:
         """Write ``results`` as one new part file; return its path (None when there were no results).
 
         Args:
@@ -79,16 +87,19 @@ class LabelStore:
             partition: the labeler_id whose folder receives the part; by default the labeler_id of the
                 first result. Every result must carry this labeler_id.
             created_at: the rows' timestamp (UTC); defaults to the current time.
+            text_keys: one label cache key per result, in order (the text each was graded on); None
+                stores null keys (such rows never count for :meth:`ok_labels` with ``current``).
 
         Raises:
-            ValueError: a result's labeler_id differs from the partition.
+            ValueError: a result's labeler_id differs from the partition, or ``text_keys`` and
+                ``results`` differ in length.
         """
         stamp = (created_at or datetime.now(UTC)).astimezone(UTC)
-        it = iter(results)
+        it = _with_keys(iter(results), None if text_keys is None else iter(text_keys))
         batch = _take(it, _ROWS_PER_BATCH)
         if not batch:
             return None
-        partition = partition if partition is not None else batch[0].labeler_id
+        partition = partition if partition is not None else batch[0][0].labeler_id
         folder = self.root / labeler_dir_name(partition)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".part-{uuid.uuid4().hex}.tmp"
@@ -164,14 +175,25 @@ class LabelStore:
         df["label"] = df["label"].astype("Int8")
         if not dedupe or df.empty:
             return df.reset_index(drop=True)
-        # Stable sort: failed rows before ok ones, each by created_at; the row order breaks ties (write order).
-        df = df.assign(_ok=df["status"].eq("ok")).sort_values(["_ok", "created_at"], kind="stable")
-        df = df.drop_duplicates(["query", "product_id", "labeler_id"], keep="last").drop(columns="_ok")
-        return df.sort_values(["labeler_id", "query", "product_id"], kind="stable").reset_index(drop=True)
+        return _latest_per_pair(df)
 
-    def ok_labels(self, labeler_id: str):
-        """(query, product_id, label int8) of the pairs ``labeler_id`` graded ok, and how many pairs only ever failed."""
-        frame = self.read(labeler_id)  # one row per pair: its latest ok grade, else its latest failure
+    def ok_labels(self, labeler_id: str, current=None):
+        """(query, product_id, label int8) of the pairs ``labeler_id`` graded ok, and how many pairs only ever failed.
+
+        Args:
+            labeler_id: whose grades.
+            current: optional frame (query, product_id, text_key) of the pairs as they are now: only rows
+                graded on exactly that text count, so a pair whose product text changed and whose re-grade
+                failed has no ok label (it is a failed pair, not the old text's grade). Pairs absent from
+                ``current`` are ignored. None: every row counts (inspection only; the step passes ``current``).
+        """
+        if current is None:
+            frame = self.read(labeler_id)  # one row per pair: its latest ok grade, else its latest failure
+        else:
+            raw = self.read(labeler_id, dedupe=False)
+            keys = current[["query", "product_id", "text_key"]].drop_duplicates()
+            raw = raw.merge(keys, on=["query", "product_id", "text_key"], how="inner")
+            frame = _latest_per_pair(raw) if len(raw) else raw
         ok = frame[frame["status"] == "ok"]
         labels = ok[["query", "product_id", "label"]].astype({"label": "int8"}).reset_index(drop=True)
         return labels, int((frame["status"] == "failed").sum())
@@ -187,7 +209,29 @@ class LabelStore:
         return wide.reset_index().astype({c: "Int8" for c in wide.columns})
 
 
-def _take(it: Iterator[LabelResult], n: int) -> list[LabelResult]:
+def _latest_per_pair(df):
+    """One row per (query, product_id, labeler_id): the latest ok row, else the latest failure."""
+    # Stable sort: failed rows before ok ones, each by created_at; the row order breaks ties (write order).
+    df = df.assign(_ok=df["status"].eq("ok")).sort_values(["_ok", "created_at"], kind="stable")
+    df = df.drop_duplicates(["query", "product_id", "labeler_id"], keep="last").drop(columns="_ok")
+    return df.sort_values(["labeler_id", "query", "product_id"], kind="stable").reset_index(drop=True)
+
+
+_NO_KEY = object()
+
+
+def _with_keys(results: Iterator[LabelResult], keys: Iterator[str | None] | None) -> Iterator[tuple[LabelResult, str | None]]:
+    """(result, text_key) pairs; refuses key lists shorter or longer than the results (a shifted key mislabels rows)."""
+    for res in results:
+        key = None if keys is None else next(keys, _NO_KEY)
+        if key is _NO_KEY:
+            raise ValueError("LabelStore.append: fewer text_keys than results")
+        yield res, key
+    if keys is not None and next(keys, _NO_KEY) is not _NO_KEY:
+        raise ValueError("LabelStore.append: more text_keys than results")
+
+
+def _take(it: Iterator, n: int) -> list:
     out = []
     for r in it:
         out.append(r)
@@ -196,7 +240,8 @@ def _take(it: Iterator[LabelResult], n: int) -> list[LabelResult]:
     return out
 
 
-def _to_table(batch: list[LabelResult], partition: str, stamp: datetime) -> pa.Table:
+def _to_table(pairs: list[tuple[LabelResult, str | None]], partition: str, stamp: datetime) -> pa.Table:
+    batch = [r for r, _ in pairs]
     bad = next((r for r in batch if r.labeler_id != partition), None)
     if bad is not None:
         raise ValueError(f"LabelStore.append: result ({bad.query!r}, {bad.product_id!r}) has labeler_id {bad.labeler_id!r} "
@@ -213,6 +258,7 @@ def _to_table(batch: list[LabelResult], partition: str, stamp: datetime) -> pa.T
         "output_tokens": pa.array([r.output_tokens for r in batch], pa.int64()),
         "cached": pa.array([r.cached for r in batch], pa.bool_()),
         "created_at": pa.array([stamp] * n, pa.timestamp("us", tz="UTC")),
+        "text_key": pa.array([k for _, k in pairs], pa.string()),
     }, schema=SCHEMA)
 
 

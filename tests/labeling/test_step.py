@@ -23,6 +23,7 @@ from dashclip_core.labeling.errors import (
 )
 from dashclip_core.labeling.holdout import split_human_labels
 from dashclip_core.labeling.label_requests import requests_for
+from dashclip_core.labeling.pairs import candidate_pairs
 from dashclip_core.labeling.step import run_labeling
 from dashclip_core.labeling.store import LabelStore
 from dashclip_core.layout import Labels
@@ -173,3 +174,46 @@ def test_too_many_failed_pairs_names_the_store(tiny_config, tmp_path, llm):
     assert err.value.store_dir == cfg.cache_dir() / "labels" / "store"
     assert f"see the store {err.value.store_dir}" in str(err.value) and "labeling.max_failed_fraction 0.5" in str(err.value)
     assert not Labels(tmp_path / "step").labels.exists()
+
+
+def changed_product(cfg: PipelineConfig, human: pd.DataFrame, teacher: pd.DataFrame) -> str:
+    """A product the teacher graded that no held-out human pair names (so the teacher's scoring stays cached)."""
+    lc = cfg.labeling
+    _, held_out = split_human_labels(human, lc.teacher_holdout_fraction, cfg.catalog.seed, lc.teacher_holdout_max_pairs)
+    return min(set(teacher["product_id"]) - set(held_out["product_id"]))
+
+
+@pytest.mark.parametrize("max_failed_fraction", [0.0, 0.5])
+def test_changed_product_text_whose_regrade_fails_is_a_failed_pair_not_the_old_label(tiny_config, tmp_path, llm,
+                                                                                      max_failed_fraction):
+    # Given a snapshot labelled once by the LLM
+    cfg = llm_config(tiny_config, tmp_path, llm_max_retries=0, max_failed_fraction=max_failed_fraction)
+    products, log, human = snapshot()
+    endpoint = LLMEndpoint(llm.base_url, KEY)
+    run_labeling(cfg, products, log, human, tmp_path / "run1", endpoint=endpoint)
+    first = pd.read_parquet(Labels(tmp_path / "run1").labels).query("source == 'teacher'")
+    pid = changed_product(cfg, human, first)
+    # When that product's title changes and the LLM fails every pair it is sent (only the changed text misses the cache)
+    changed = products.assign(title=products["title"].where(products["product_id"] != pid, "discontinued item"))
+    cands = candidate_pairs(changed, log, human, cfg.labeling, seed=cfg.catalog.seed)
+    graded = set(zip(first["query"], first["product_id"]))
+    pairs = set(zip(cands["query"], cands["product_id"]))
+    stale = {(q, p) for q, p in pairs & graded if p == pid}
+    assert stale  # pairs graded on the old title that are candidates again
+    expected_failed = stale | (pairs - graded)  # every pair without a grade on its current text (BM25 moved a few)
+    llm.fault_rate(1.0, seed=0, faults=[fake.Fault.refusal()])
+    n_billed = len(llm.billed)
+    if max_failed_fraction == 0.0:
+        # Then the failures count toward labeling.max_failed_fraction (HEAD reused the old title's grades)
+        with pytest.raises(TooManyFailedPairs) as err:
+            run_labeling(cfg, changed, log, human, tmp_path / "run2", endpoint=endpoint)
+        assert err.value.n_failed == len(expected_failed)
+    else:
+        outcome = run_labeling(cfg, changed, log, human, tmp_path / "run2", endpoint=endpoint)
+        second = pd.read_parquet(Labels(tmp_path / "run2").labels).query("source == 'teacher'")
+        # Then no grade of the old title survives for the changed product, and its pairs are counted failed
+        assert not set(zip(second["query"], second["product_id"])) & stale and outcome.n_failed == len(expected_failed)
+        assert len(second) == len(cands) - len(expected_failed)
+    title = dict(zip(changed["product_id"], changed["title"]))
+    sent = {(b.query, b.title) for b in llm.billed[n_billed:]}
+    assert sent == {(q, title[p]) for q, p in expected_failed}  # cache misses: exactly the pairs without a current grade
