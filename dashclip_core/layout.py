@@ -5,13 +5,14 @@ A run lives under ``<storage root>/<dag id>/<run key>/`` (:class:`~dashclip_core
 each step publishes one folder ``<step>/`` there, holding its files and ``summary.json``::
 
     extract_catalog/      products.parquet  search_log.parquet  human_labels.parquet
-    validate_catalog/     clean.parquet  quarantine.parquet  report.json
+    validate_catalog/     clean.parquet  quarantine.parquet  report.json  data_docs/
+                          human_labels.parquet  human_labels_quarantine.parquet  human_labels_report.json
     label_pairs/          labels.parquet  teacher_report.json  teacher_quality.json  teacher_confusion.png  labeling_summary.json
-    validate_labels/      report.json
+    validate_labels/      report.json  data_docs/
     train_stage1/         product_encoder/  stage1_pairs.parquet  metrics.json
     train_stage2/         query_encoder/  stage2_examples.parquet  hard_negatives.json  metrics.json
     backfill_embeddings/  embeddings.parquet
-    validate_embeddings/  report.json
+    validate_embeddings/  report.json  data_docs/
     build_index/          index.faiss  ids.parquet  meta.json
     evaluate/             report.json  zero_shot_predictions.parquet  plots/
     register_model/       (summary only: the MLflow version and its aliases)
@@ -57,6 +58,8 @@ PRODUCT_ENCODER = "product_encoder"
 QUERY_ENCODER = "query_encoder"
 IMAGE_STEM = "image_stem"  # file stem of a run's frozen-stem store (models/image_stem.py), beside Ray's checkpoints
 GATE_REPORT = "report.json"  # every gate's report
+DATA_DOCS = "data_docs"  # every gate's Great Expectations Data Docs site (validation/expectations.py write_data_docs)
+DATA_DOCS_INDEX = "index.html"  # the site's entry page, inside DATA_DOCS
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,31 @@ class CatalogGate(StepFolder):
         return self.dir / "quarantine.parquet"
 
     @property
+    def human_labels(self) -> Path:
+        """The human labels that passed the human label gate (``label_pairs`` reads these, not the snapshot's)."""
+        return self.dir / "human_labels.parquet"
+
+    @property
+    def human_labels_quarantine(self) -> Path:
+        """The human label rows the gate dropped: row, field and reason each."""
+        return self.dir / "human_labels_quarantine.parquet"
+
+    @property
+    def human_labels_report(self) -> Path:
+        return self.dir / "human_labels_report.json"
+
+    @property
     def report(self) -> Path:
         return self.dir / GATE_REPORT
+
+    @property
+    def data_docs(self) -> Path:
+        """The GX Data Docs site of this gate's validation (``data_docs_index`` is its entry page)."""
+        return self.dir / DATA_DOCS
+
+    @property
+    def data_docs_index(self) -> Path:
+        return self.data_docs / DATA_DOCS_INDEX
 
 
 @dataclass(frozen=True)
@@ -134,11 +160,20 @@ class Labels(StepFolder):
 
 @dataclass(frozen=True)
 class GateReport(StepFolder):
-    """``validate_labels`` / ``validate_embeddings``: the gate's report."""
+    """``validate_labels`` / ``validate_embeddings``: the gate's report and its GX Data Docs site."""
 
     @property
     def report(self) -> Path:
         return self.dir / GATE_REPORT
+
+    @property
+    def data_docs(self) -> Path:
+        """The GX Data Docs site of this gate's validation (``data_docs_index`` is its entry page)."""
+        return self.dir / DATA_DOCS
+
+    @property
+    def data_docs_index(self) -> Path:
+        return self.data_docs / DATA_DOCS_INDEX
 
 
 @dataclass(frozen=True)

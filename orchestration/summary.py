@@ -1,17 +1,31 @@
 """The summary of a DAG run: its tasks (from Airflow), then what its steps published (through
-:mod:`dashclip_core.layout`): the evaluation table, the index, the registered model, sample queries."""
+:mod:`dashclip_core.layout`): each gate's Data Docs, the evaluation table, the index, the registered model,
+sample queries."""
 
 from __future__ import annotations
 
 from dashclip_core.cli import metrics_table
 from dashclip_core.config import PipelineConfig
-from dashclip_core.layout import DAG_ID, RunLayout, Step
+from dashclip_core.layout import DAG_ID, VIEWS, RunLayout, Step
+from dashclip_core.redaction import redact_text, register_config_secrets
 from dashclip_core.storage import RunPaths, read_json
 from orchestration.runs import TaskState, task_states
 
 
 def run_layout(run_id: str, cfg: PipelineConfig) -> RunLayout:
     return RunLayout(RunPaths(cfg.storage_root(), DAG_ID, run_id, cfg.storage.s3_endpoint_url, cfg.cache_dir()))
+
+
+def data_docs_lines(layout: RunLayout, summaries: dict[Step, dict]) -> list[str]:
+    """One line per published gate (a summary with ``data_docs``, a failed gate's included): its outcome and
+    a file:// link to its Great Expectations Data Docs (of the local copy when the run is on S3)."""
+    lines = []
+    for step, summary in summaries.items():
+        if summary.get("data_docs"):
+            index = (layout.folder(step).dir / summary["data_docs"]).resolve()
+            outcome = "passed" if summary.get("passed") else "FAILED"
+            lines.append(f"  {step.value:24s} {outcome:7s} {index.as_uri()}")
+    return ["", "data docs (Great Expectations) per gate:", *lines] if lines else []
 
 
 def summary_lines(run_id: str, config_path: str, wall: float | None = None, tasks: list[TaskState] | None = None) -> list[str]:
@@ -28,6 +42,8 @@ def summary_lines(run_id: str, config_path: str, wall: float | None = None, task
     def step_summary(step: Step) -> dict | None:
         return read_json(layout.folder(step).summary) if layout.is_done(step) else None
 
+    gates = [step for step in Step if hasattr(VIEWS[step], "data_docs")]  # the gates' views know their Data Docs
+    out.extend(data_docs_lines(layout, {step: s for step in gates if (s := step_summary(step)) is not None}))
     if (ev := step_summary(Step.EVALUATE)) is not None:
         out += ["", f"eval on held-out queries ({ev['n_eval_queries']}):"]
         out.extend(metrics_table(ev["systems"]))
@@ -46,4 +62,5 @@ def summary_lines(run_id: str, config_path: str, wall: float | None = None, task
             out.append(f"  {q!r}:")
             out.extend(f"      {h['product_id']}  {h['title'] or '(image-only product)'}  [{h['category']}]" for h in hits)
     out += ["", f"run folder: {layout.paths.run_uri}"]
-    return out
+    register_config_secrets(cfg.to_dict())
+    return [redact_text(line) for line in out]  # the console is outside the process too: same rule as logs and XComs

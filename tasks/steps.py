@@ -29,6 +29,22 @@ def extract_catalog(params: dict | None = None, run_id: str | None = None) -> di
     return run_step(paths, Step.EXTRACT_CATALOG, body)
 
 
+def log_data_docs(cfg, paths, step: Step, out) -> str:
+    """Log a gate's Data Docs site (already in its staging folder ``out``) to the pipeline's MLflow run under
+    ``data_docs/<step>``; the step's ``data_docs`` summary field is the returned index.html path inside the step
+    folder. Called in the body, before the step publishes, so a failing gate's docs reach MLflow too."""
+    from dashclip_core.registry.mlflow_registry import log_artifact_dir
+
+    docs = layout.GateReport(out)  # every gate's view keeps the site in the same place
+    log_artifact_dir(cfg, mlflow_run(cfg, paths.run_id)["run_id"], docs.data_docs, f"{layout.DATA_DOCS}/{step}")
+    return docs.data_docs_index.relative_to(docs.dir).as_posix()
+
+
+def docs_hint(summary: dict) -> str:
+    """The failure message's pointer to a gate's Data Docs ("" for a summary published before gates had them)."""
+    return f" and the Data Docs {summary['uri']}/{summary['data_docs']}" if summary.get("data_docs") else ""
+
+
 def validate_catalog(catalog: dict, params: dict | None = None, run_id: str | None = None) -> dict:
     """Great Expectations gate: quarantine bad rows with reasons, keep the rest, stop the DAG if too many are bad."""
     cfg = resolve_config(params)
@@ -37,19 +53,44 @@ def validate_catalog(catalog: dict, params: dict | None = None, run_id: str | No
     def body(out):
         import pandas as pd
 
+        from dashclip_core.storage.images import ImagePolicy
         from dashclip_core.validation.catalog_gate import validate_catalog as gate
         from dashclip_core.validation.catalog_gate import write_gate_outputs
+        from dashclip_core.validation.expectations import write_data_docs
+        from dashclip_core.validation.human_label_gate import validate_human_labels, write_human_label_outputs
 
-        result = gate(pd.read_parquet(step_input(cfg, catalog, layout.Snapshot).products), cfg.validation)
+        snap = step_input(cfg, catalog, layout.Snapshot)
+        products = pd.read_parquet(snap.products)
+        # Images are read only under the catalog's folder and catalog.image_roots, within the byte/pixel/time caps.
+        result = gate(products, cfg.validation, images=ImagePolicy.for_pipeline(cfg))
         write_gate_outputs(result, out)
-        return {"passed": result.passed, "n_clean": len(result.clean), "n_quarantined": len(result.quarantine),
-                "failing": [f"{f.get('check')}:{f.get('column')}" for f in result.summary.get("failing_expectations", [])]}
+        # Then the human labels (label in {0,1,2}, ids present, known product, split), against the clean products.
+        human = validate_human_labels(pd.read_parquet(snap.human_labels), products["product_id"], result.clean["product_id"],
+                                      cfg.validation)
+        write_human_label_outputs(human, out)
+        write_data_docs([*result.validation_results, *human.validation_results], out)  # one site, both suites
+
+        def failing(gate_summary: dict) -> list[str]:
+            return [f"{f.get('check')}:{f.get('column')}" for f in gate_summary.get("failing_expectations", [])]
+
+        return {"passed": result.passed and human.passed, "n_clean": len(result.clean), "n_quarantined": len(result.quarantine),
+                "failing": failing(result.summary), "products_passed": result.passed, "human_labels_passed": human.passed,
+                "n_human_labels": len(human.clean), "n_human_labels_quarantined": len(human.quarantine),
+                "n_human_labels_bad": human.summary["n_bad"], "human_labels_failing": failing(human.summary),
+                "data_docs": log_data_docs(cfg, paths, Step.VALIDATE_CATALOG, out)}
 
     summary = run_step(paths, Step.VALIDATE_CATALOG, body)
     if not summary["passed"]:
         folder = layout.CatalogGate(".")  # file names only: the uri may be s3://
-        fail(f"catalog gate failed: {summary['n_quarantined']} bad product rows ({', '.join(summary['failing'])}); "
-             f"see {summary['uri']}/{folder.quarantine.name} and {folder.report.name}")
+        problems = []
+        if summary.get("products_passed", False) is False:
+            problems.append(f"{summary['n_quarantined']} bad product rows ({', '.join(summary['failing'])}); see "
+                            f"{summary['uri']}/{folder.quarantine.name} and {folder.report.name}")
+        if summary.get("human_labels_passed", True) is False:
+            problems.append(f"{summary['n_human_labels_bad']} bad human label rows ({', '.join(summary['human_labels_failing'])}) "
+                            f"over validation.max_bad_label_fraction; see {summary['uri']}/{folder.human_labels_quarantine.name} "
+                            f"and {folder.human_labels_report.name}")
+        fail(f"catalog gate failed: {'; '.join(problems)}{docs_hint(summary)}")
     return summary
 
 
@@ -74,7 +115,12 @@ def label_pairs(catalog: dict, catalog_gate: dict, params: dict | None = None, r
         from dashclip_core.labeling.step import run_labeling
         from dashclip_core.registry.mlflow_registry import log_artifact_dir, log_metrics
 
-        products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
+        gate = step_input(cfg, catalog_gate, layout.CatalogGate)
+        products = pd.read_parquet(gate.clean)
+        if not gate.human_labels.exists():
+            raise FileNotFoundError(f"{catalog_gate['uri']} has no {gate.human_labels.name}: it was published before the human "
+                                    "label gate existed; start a new run")
+        human = pd.read_parquet(gate.human_labels)  # the human label gate's clean rows, never the raw snapshot's
         snap = step_input(cfg, catalog, layout.Snapshot)
         mlflow_run_id = mlflow_run(cfg, paths.run_id)["run_id"]
 
@@ -83,7 +129,7 @@ def label_pairs(catalog: dict, catalog_gate: dict, params: dict | None = None, r
             log_metrics(cfg, mlflow_run_id, {f"teacher/{k}": quality[k] for k in TEACHER_METRICS})
 
         try:
-            outcome = run_labeling(cfg, products, pd.read_parquet(snap.search_log), pd.read_parquet(snap.human_labels), out,
+            outcome = run_labeling(cfg, products, pd.read_parquet(snap.search_log), human, out,
                                    endpoint=llm_endpoint(lc), on_teacher_scored=log_teacher)
         except QualityGateError as exc:  # publish the folder with the report, then fail below
             return {"passed": False, "message": str(exc), "labeler_id": exc.report["labeler_id"],
@@ -125,11 +171,12 @@ def validate_labels(labels: dict, params: dict | None = None, run_id: str | None
         src = step_input(cfg, labels, layout.Labels)
         result = gate(pd.read_parquet(src.labels), cfg.labeling)
         write_label_gate_report(result, out)
-        return {"passed": result.passed, "failures": result.summary.get("failures", [])}
+        return {"passed": result.passed, "failures": result.summary.get("failures", []),
+                "data_docs": log_data_docs(cfg, paths, Step.VALIDATE_LABELS, out)}
 
     summary = run_step(paths, Step.VALIDATE_LABELS, body)
     if not summary["passed"]:
-        fail(f"label gate failed: {'; '.join(summary['failures'])}; see {summary['uri']}/{layout.GATE_REPORT}")
+        fail(f"label gate failed: {'; '.join(summary['failures'])}; see {summary['uri']}/{layout.GATE_REPORT}{docs_hint(summary)}")
     return summary
 
 
@@ -212,11 +259,12 @@ def validate_embeddings(catalog_gate: dict, embeddings: dict, params: dict | Non
         ids = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean, columns=["product_id"])["product_id"]
         result = gate(emb, ids, cfg.model.embed_dim)
         write_embedding_gate_report(result, out)
-        return {"passed": result.passed, "failing": [f"{f.get('check')}:{f.get('column')}" for f in result.summary.get("failing_expectations", [])]}
+        return {"passed": result.passed, "failing": [f"{f.get('check')}:{f.get('column')}" for f in result.summary.get("failing_expectations", [])],
+                "data_docs": log_data_docs(cfg, paths, Step.VALIDATE_EMBEDDINGS, out)}
 
     summary = run_step(paths, Step.VALIDATE_EMBEDDINGS, body)
     if not summary["passed"]:
-        fail(f"embedding gate failed: {', '.join(summary['failing'])}; see {summary['uri']}/{layout.GATE_REPORT}")
+        fail(f"embedding gate failed: {', '.join(summary['failing'])}; see {summary['uri']}/{layout.GATE_REPORT}{docs_hint(summary)}")
     return summary
 
 
@@ -263,6 +311,7 @@ def evaluate(catalog_gate: dict, labels: dict, embeddings: dict, stage1: dict, s
         from dashclip_core.models.image_stem import StemStore
         from dashclip_core.registry.mlflow_registry import client, log_artifact_dir, log_metrics
         from dashclip_core.storage import write_json
+        from dashclip_core.storage.images import ImagePolicy
 
         products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
         graded = pd.read_parquet(step_input(cfg, labels, layout.Labels).labels)
@@ -276,7 +325,8 @@ def evaluate(catalog_gate: dict, labels: dict, embeddings: dict, stage1: dict, s
         write_json(outputs.report, report)
         result.zero_shot.to_parquet(outputs.zero_shot_predictions, index=False)  # per photo: kept out of the report
         run = mlflow_run(cfg, paths.run_id)
-        plots = write_evaluation_plots(result, products, outputs.plots, cfg.evaluation.min_relevant_label, mlflow_run=run)
+        plots = write_evaluation_plots(result, products, outputs.plots, cfg.evaluation.min_relevant_label, mlflow_run=run,
+                                       images=ImagePolicy.for_pipeline(cfg))
         log_metrics(cfg, run["run_id"], {f"eval/{s}/{k}": v for s, m in report["systems"].items() for k, v in m.items() if v is not None})
         mlflow = client(cfg)
         for path in (outputs.report, outputs.zero_shot_predictions):
@@ -315,7 +365,8 @@ def register_model(catalog: dict, catalog_gate: dict, labels: dict, stage1: dict
         metric = cfg.registry.promotion_metric
         judgments = eval_judgments(graded)
         decision = reg.promote(cfg, version, float(report["systems"]["dashclip"][metric]),
-                               lambda uri: score_model_uri(uri, cfg, products, judgments, metric))
+                               lambda uri: score_model_uri(uri, cfg, products, judgments, metric),
+                               holder=f"{DAG_ID}/{paths.run_id}")  # the promotion lock names the run holding it
         return {"model_name": cfg.registry.model_name, "version": version, "created": created, "decision": decision,
                 "aliases": decision["aliases"], "mlflow_run_id": run["run_id"]}
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,13 @@ import great_expectations.expectations as gxe
 import numpy as np
 import pandas as pd
 
-from dashclip_core.validation.expectations import SAMPLE_SIZE, failing_summary, run_expectations, write_report
+from dashclip_core.validation.expectations import (
+    SAMPLE_SIZE,
+    failing_summary,
+    run_expectations,
+    write_data_docs,
+    write_report,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +48,13 @@ class EmbeddingGateResult:
         summary: JSON-serialisable: ``n_rows``, ``n_expected``, ``dim``, ``norm_tol``,
             ``n_missing_ids`` / ``missing_ids`` (a sample) and ``failing_expectations`` (check,
             column, count, sample of bad product ids).
+        validation_results: the GX validation result(s) behind ``summary``; the writer renders them as
+            the gate's Data Docs.
     """
 
     passed: bool
     summary: dict[str, Any]
+    validation_results: list[Any] = field(default_factory=list)
 
 
 def embedding_row_stats(embeddings: pd.Series, dim: int) -> pd.DataFrame:
@@ -153,11 +162,11 @@ def validate_embeddings(
             "embedding gate failed: %s",
             "; ".join(f"{f['check']} ({f['unexpected_count']} bad, e.g. {f['sample_ids'][:3]})" for f in failing),
         )
-    return EmbeddingGateResult(passed=passed, summary=summary)
+    return EmbeddingGateResult(passed=passed, summary=summary, validation_results=[outcomes.validation_result])
 
 
 def write_embedding_gate_report(result: EmbeddingGateResult, out_dir: str | os.PathLike) -> Path:
-    """Write ``report.json`` (``passed`` + the summary) into ``out_dir`` (created if needed).
+    """Write ``report.json`` (``passed`` + the summary) and the GX Data Docs site ``data_docs/`` into ``out_dir``.
 
     Args:
         result: output of :func:`validate_embeddings`.
@@ -166,4 +175,5 @@ def write_embedding_gate_report(result: EmbeddingGateResult, out_dir: str | os.P
     Returns:
         The path of ``report.json``.
     """
+    write_data_docs(result.validation_results, out_dir)
     return write_report(result.passed, result.summary, out_dir)

@@ -6,9 +6,10 @@ Two groups of checks, each reported with its figures:
    not null, ``query`` / ``product_id`` not null and not blank, one label per (query, product_id).
 2. Class balance: the share of each label value (0, 1, 2) lies in
    [``LabelingConfig.min_class_fraction``, ``LabelingConfig.max_class_fraction``]. A value that never
-   occurs has share 0 and fails the lower bound.
+   occurs has share 0 and fails the lower bound. GX checks the shares too (a second suite, one row per
+   label value).
 
-The gate passes when every check passes. The teacher itself is gated once, earlier: the labelling step
+Both GX results become the gate's Data Docs (:func:`write_label_gate_report`). The gate passes when every check passes. The teacher itself is gated once, earlier: the labelling step
 scores it on held-out human labels against ``labeling.min_teacher_*`` before it grades a single
 candidate (:func:`dashclip_core.labeling.step.run_labeling`), so labels from a bad teacher never reach here.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ import great_expectations.expectations as gxe
 import pandas as pd
 
 from dashclip_core.config import LabelingConfig
-from dashclip_core.validation.expectations import BLANK, failing_summary, run_expectations, write_report
+from dashclip_core.validation.expectations import (
+    BLANK,
+    failing_summary,
+    run_expectations,
+    write_data_docs,
+    write_report,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +50,13 @@ class LabelGateResult:
             ``failing_expectations`` (GX, with a sample of bad ``query | product_id`` pairs),
             ``class_balance`` (figures, bounds, passed) and ``failures`` (one readable line per
             failed check).
+        validation_results: the GX validation results behind ``summary`` (the label frame, the class
+            shares); the writer renders them as the gate's Data Docs.
     """
 
     passed: bool
     summary: dict[str, Any]
+    validation_results: list[Any] = field(default_factory=list)
 
 
 def validate_labels(labels: pd.DataFrame, cfg: LabelingConfig) -> LabelGateResult:
@@ -95,12 +105,25 @@ def validate_labels(labels: pd.DataFrame, cfg: LabelingConfig) -> LabelGateResul
             f"{f['check']}: {f['unexpected_count']} bad row(s) in column {f['column']!r}, e.g. {f['sample_ids'][:3]}"
         )
 
-    # Step 2: class balance over the rows whose label is a known value.
+    # Step 2: class balance over the rows whose label is a known value; GX checks the per-label shares
+    # (one row per label value), so the bounds and the failing labels are in the Data Docs too.
     valid = labels["label"][labels["label"].isin(LABEL_VALUES)].astype(int)
     n_valid = len(valid)
     counts = {v: int((valid == v).sum()) for v in LABEL_VALUES}
     fractions = {v: (counts[v] / n_valid if n_valid else 0.0) for v in LABEL_VALUES}
-    balance_bad = {v: f for v, f in fractions.items() if not (cfg.min_class_fraction <= f <= cfg.max_class_fraction)}
+    balance = run_expectations(
+        pd.DataFrame({"label": list(LABEL_VALUES), "fraction": [fractions[v] for v in LABEL_VALUES]}),
+        [
+            gxe.ExpectColumnValuesToBeBetween(
+                column="fraction",
+                min_value=cfg.min_class_fraction,
+                max_value=cfg.max_class_fraction,
+                meta={"check": "class_balance"},
+            )
+        ],
+        suite_name="label_gate_class_balance",
+    )
+    balance_bad = {LABEL_VALUES[i]: fractions[LABEL_VALUES[i]] for i in balance["class_balance"].unexpected_rows}
     for v, f in balance_bad.items():
         failures.append(
             f"class_balance: label {v} is {f:.4f} of {n_valid} labels; expected a share in "
@@ -125,11 +148,13 @@ def validate_labels(labels: pd.DataFrame, cfg: LabelingConfig) -> LabelGateResul
         logger.info("label gate passed: %d labels, fractions %s", len(labels), summary["label_fractions"])
     else:
         logger.warning("label gate failed: %s", "; ".join(failures))
-    return LabelGateResult(passed=passed, summary=summary)
+    return LabelGateResult(
+        passed=passed, summary=summary, validation_results=[outcomes.validation_result, balance.validation_result]
+    )
 
 
 def write_label_gate_report(result: LabelGateResult, out_dir: str | os.PathLike) -> Path:
-    """Write ``report.json`` (``passed`` + the summary) into ``out_dir`` (created if needed).
+    """Write ``report.json`` (``passed`` + the summary) and the GX Data Docs site ``data_docs/`` into ``out_dir``.
 
     Args:
         result: output of :func:`validate_labels`.
@@ -138,4 +163,5 @@ def write_label_gate_report(result: LabelGateResult, out_dir: str | os.PathLike)
     Returns:
         The path of ``report.json``.
     """
+    write_data_docs(result.validation_results, out_dir)
     return write_report(result.passed, result.summary, out_dir)

@@ -62,3 +62,10 @@ def test_bad_catalog_stops_before_training(airflow_db, bad_catalog):
     assert not set(clean["product_id"]) & {dup, empty, corrupt}
     assert len(clean) == 40 - 3  # the rest of the snapshot is kept
     assert not paths.is_done("train_stage1")
+    # The failed gate still published its Data Docs, and logged them to the run's MLflow run.
+    assert (gate_dir / "data_docs" / "index.html").is_file()
+    from dashclip_core.registry.mlflow_registry import client, pipeline_run
+
+    cfg = PipelineConfig.from_file(cfg_path)
+    logged = {a.path for a in client(cfg).list_artifacts(pipeline_run(cfg, dr.run_id, dag.dag_id), "data_docs/validate_catalog")}
+    assert "data_docs/validate_catalog/index.html" in logged

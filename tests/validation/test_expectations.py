@@ -52,3 +52,18 @@ def test_to_jsonable_and_write_report(tmp_path) -> None:
     path = write_report(False, {"n_rows": 2}, tmp_path / "gate")
 
     assert json.loads(path.read_text()) == {"passed": False, "n_rows": 2}
+
+
+def test_outcomes_keep_the_gx_result_and_name_each_check_in_its_description() -> None:
+    given = gxe.ExpectColumnValuesToBeUnique(column="a", meta={"check": "own"}, description="our own words")
+    outcomes = run_expectations(
+        pd.DataFrame({"a": [1, 1], "b": ["x", " "]}),
+        [given, gxe.ExpectColumnValuesToNotMatchRegex(column="b", regex=r"^\s*$", meta={"check": "b_not_blank"})],
+        "s",
+    )
+
+    assert list(outcomes) == ["own", "b_not_blank"] and isinstance(outcomes, dict)
+    result = outcomes.validation_result
+    assert result.suite_name == "s" and result.success is False
+    descriptions = {r.expectation_config.meta["check"]: r.expectation_config.description for r in result.results}
+    assert descriptions == {"own": "our own words", "b_not_blank": "b_not_blank: b values must not match this regular expression: ^\\s*$."}
