@@ -123,6 +123,7 @@ def _prepare(work: Path) -> tuple[Path, Path]:
     raw["name"] = "ray-worker-kill"
     raw["train"].update({"stage1_epochs": EPOCHS, "stage1_batch_size": 8, "num_workers": 2, "max_failures": 2})
     raw.setdefault("ray", {})["num_cpus"] = 2
+    raw["catalog"]["image_roots"] = [str(work / "catalog")]  # the generated catalog's photos (not the config's own folder)
     config = work / "ray_worker_kill.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     products = work / "snapshot" / "products.parquet"

@@ -36,8 +36,10 @@ def tiny_run(tiny_config, tmp_path_factory) -> TinyRun:
     from dashclip_core.models.encoders import QueryEncoder, save_encoder
     from dashclip_core.training.stage1 import build_stage1
 
-    cfg = PipelineConfig.from_file(tiny_config)
     root = tmp_path_factory.mktemp("eval-run")
+    # The catalog lives outside the config's own catalog folder, so its photo folder is listed as a root,
+    # as an operator would for a catalog DB the config does not name (CONTRACTS "Image policy").
+    cfg = PipelineConfig.from_file(tiny_config).with_overrides(**{"catalog.image_roots": (str(root / "catalog"),)})
     db = generate_demo_catalog(root / "catalog", num_products=cfg.catalog.demo_num_products, seed=cfg.catalog.seed)
     run_dir = root / "dashclip_nightly" / "run-1"
     for step in ("extract_catalog", "validate_catalog", "label_pairs", "train_stage1", "train_stage2"):

@@ -9,6 +9,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from dashclip_core.cli import main
 
@@ -20,8 +21,12 @@ def test_evaluate_run_folder_prints_table_and_writes_json(tiny_run, tiny_config,
     (tiny_run.run_dir / "evaluate").mkdir(exist_ok=True)
     (tiny_run.run_dir / "evaluate" / "report.json").write_text(json.dumps({"systems": {"dashclip": {"ndcg@10": 123.0}}}))
     out = tmp_path / "sub" / "report.json"
+    config = tmp_path / "tiny.yaml"  # tiny.yaml + the run's photo folder as an allowed image root
+    config.write_text(yaml.safe_dump({**yaml.safe_load(tiny_config.read_text()),
+                                      "catalog": {**yaml.safe_load(tiny_config.read_text())["catalog"],
+                                                  "image_roots": list(tiny_run.cfg.catalog.image_roots)}}))
 
-    rc = main(["evaluate", "--model", str(tiny_run.run_dir), "--config", str(tiny_config), "--out", str(out), "--rerank-k", "10"])
+    rc = main(["evaluate", "--model", str(tiny_run.run_dir), "--config", str(config), "--out", str(out), "--rerank-k", "10"])
 
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()

@@ -23,3 +23,17 @@ def stage2_data(tmp_path_factory, tiny_config):
     products = pd.read_parquet(snap / "products.parquet")
     human = pd.read_parquet(snap / "human_labels.parquet")
     return products, combine_labels(human, human.iloc[:0][["query", "product_id", "label"]])
+
+
+@pytest.fixture(scope="session")
+def photo_roots():
+    """``photo_roots(products)``: the override that allows the photo folders of ``products`` (catalogs these
+    tests generate live outside the config's own catalog folder, so their folder is listed as an operator
+    would, CONTRACTS "Image policy")."""
+    from pathlib import Path
+
+    def overrides(products) -> dict:
+        folders = sorted({str(Path(u).parent) for u in products["image_uri"].dropna()})
+        return {"catalog.image_roots": tuple(folders)}
+
+    return overrides

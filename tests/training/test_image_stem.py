@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -74,7 +75,7 @@ def test_a_fully_trainable_tower_has_no_frozen_stem():
 
 
 def test_stem_store_rows_match_a_live_stem_and_is_reused_only_for_the_same_tower(tmp_path, demo_photos):
-    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1})
+    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1, **_allowed(demo_photos)})
     products = pd.concat([demo_photos, pd.DataFrame({"product_id": ["text-only"], "title": ["t"], "description": ["d"], "image_uri": [None]})])
     enc = build_stage1(cfg).encoder
     store = build_stem_store(enc, cfg.model, products, tmp_path / "stem", threads=1, batch_size=2)  # 2 + 2 + 1: partial last batch
@@ -112,6 +113,11 @@ def test_title_only_view_drops_descriptions_but_never_leaves_a_row_without_text(
     assert text_views(rows, 0.0, torch.Generator())[1] == rows["description"].tolist()
 
 
+def _allowed(photos: pd.DataFrame) -> dict:
+    """The photos' folder as an allowed image root (it is not the config's catalog folder)."""
+    return {"catalog.image_roots": tuple(sorted({str(Path(u).parent) for u in photos["image_uri"].dropna()}))}
+
+
 @pytest.fixture(scope="module")
 def demo_photos(tmp_path_factory) -> pd.DataFrame:
     """A few real PNG product photos from the demo catalog generator."""
@@ -133,7 +139,7 @@ def test_stage2_anchor_embeddings_from_the_stem_match_the_photo_path(tmp_path, d
     from dashclip_core.training.stage1 import image_stem_store
     from dashclip_core.training.stage2 import anchor_embeddings
 
-    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1})
+    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1, **_allowed(demo_photos)})
     products = pd.concat([demo_photos, pd.DataFrame({"product_id": ["text-only"], "title": ["Kiwi"], "description": [None], "image_uri": [None]})],
                          ignore_index=True)
     enc = build_stage1(cfg).encoder.eval()
@@ -151,7 +157,7 @@ def test_backfill_actor_uses_the_stem_store_and_matches_the_photo_path(tmp_path,
     from dashclip_core.models.encoders import save_encoder
     from dashclip_core.training.stage1 import image_stem_store
 
-    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1})
+    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1, **_allowed(demo_photos)})
     products = pd.concat([demo_photos, pd.DataFrame({"product_id": ["text-only"], "title": ["Kiwi"], "description": [None], "image_uri": [None]})],
                          ignore_index=True)
     save_encoder(build_stage1(cfg).encoder, cfg.model, tmp_path / "enc")
@@ -170,7 +176,7 @@ def test_itm_rerank_scores_from_the_stem_match_the_photo_path(tmp_path, demo_pho
     from dashclip_core.evaluation.rerank import itm_match_probs
     from dashclip_core.training.stage1 import image_stem_store
 
-    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1})
+    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1, **_allowed(demo_photos)})
     enc = build_stage1(cfg).encoder.eval()
     store = image_stem_store(cfg, demo_photos, tmp_path)
     builder = InputBuilder(cfg.model)

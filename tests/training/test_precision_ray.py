@@ -9,12 +9,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def stage2_inputs(tmp_path_factory, tiny_config, stage2_data):
+def stage2_inputs(tmp_path_factory, tiny_config, stage2_data, photo_roots):
     from dashclip_core.config import PipelineConfig
     from dashclip_core.training.stage1 import build_stage1
 
-    cfg = PipelineConfig.from_file(tiny_config).with_overrides(**{"train.stage2_grad_cache_chunk": 0, "train.num_workers": 1})
     products, labels = stage2_data
+    cfg = PipelineConfig.from_file(tiny_config).with_overrides(**{"train.stage2_grad_cache_chunk": 0, "train.num_workers": 1,
+                                                                   **photo_roots(products)})
     return cfg, products, labels, build_stage1(cfg).encoder, tmp_path_factory.mktemp("amp")
 
 

@@ -149,14 +149,15 @@ def _metas(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_stage2_resumes_only_from_checkpoints_of_the_same_inputs(tmp_path, tiny_config, stage2_data, caplog):
+def test_stage2_resumes_only_from_checkpoints_of_the_same_inputs(tmp_path, tiny_config, stage2_data, photo_roots, caplog):
     from dashclip_core.models.encoders import save_encoder
     from dashclip_core.training.stage1 import build_stage1
     from dashclip_core.training.stage2 import train_stage2
 
     # Plain (non-GradCache) stage 2, one worker: the other tests run the cached path.
-    cfg = PipelineConfig.from_file(tiny_config).with_overrides(**{"train.stage2_grad_cache_chunk": 0, "train.stage2_epochs": 2})
     products, labels = stage2_data
+    cfg = PipelineConfig.from_file(tiny_config).with_overrides(**{"train.stage2_grad_cache_chunk": 0, "train.stage2_epochs": 2,
+                                                                   **photo_roots(products)})
     stage1 = save_encoder(build_stage1(cfg).encoder, cfg.model, tmp_path / "stage1")
     mlflow_run = {"tracking_uri": cfg.tracking_uri(), "run_id": ""}
     storage = tmp_path / "ray"

@@ -19,6 +19,7 @@ def test_one_and_two_workers_give_the_same_itc_curve(tmp_path, tiny_config):
 
     base = PipelineConfig.from_file(tiny_config).with_overrides(**{
         "train.stage1_epochs": 2, "train.stage1_batch_size": 16,
+        "catalog.image_roots": (str(tmp_path / "cat"),),  # the generated catalog's photos (outside the config's own folder)
     })
     db = generate_demo_catalog(tmp_path / "cat", num_products=80, seed=2)
     snap = tmp_path / "snap"
