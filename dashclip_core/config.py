@@ -193,8 +193,13 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    factory: str = "Flat"  # faiss.index_factory string; inner product on unit vectors = cosine
+    factory: str = "auto"  # "auto" (Flat up to flat_max_products, else ann_factory) or a faiss.index_factory string; inner product on unit vectors = cosine
+    flat_max_products: int = 200_000  # auto: exact search up to this many products (Flat search stays in milliseconds per query here)
+    ann_factory: str = "HNSW32"  # auto: the ANN index above flat_max_products
+    min_recall_at_10: float = 0.95  # build_index gate: recall@10 against exact search on real queries below this stops the DAG before registration
     recall_queries: int = 200  # queries used to measure recall@10 against exact search
+    train_sample: int = 200_000  # IVF / PQ indexes are trained on at most this many vectors (a seeded random sample)
+    add_chunk: int = 100_000  # vectors are added in chunks of this many
     nprobe: int = 16  # IVF indexes only
     ef_search: int = 64  # HNSW indexes only
 

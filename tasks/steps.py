@@ -270,7 +270,9 @@ def validate_embeddings(catalog_gate: dict, embeddings: dict, params: dict | Non
 
 def build_index(embeddings: dict, embeddings_gate: dict, labels: dict, stage2: dict, params: dict | None = None,
                 run_id: str | None = None) -> dict:
-    """FAISS index (factory string from config) + id map; recall@10 against exact search on real queries."""
+    """FAISS index (``index.factory``; ``auto`` picks Flat or the ANN family by catalog size) + id map, and the
+    recall gate: recall@10 against exact search on real queries below ``index.min_recall_at_10`` publishes the
+    index and its figures, then stops the DAG before evaluate and register_model."""
     cfg = resolve_config(params)
     paths = run_paths(cfg, run_id)
 
@@ -289,9 +291,17 @@ def build_index(embeddings: dict, embeddings_gate: dict, labels: dict, stage2: d
         queries = sorted(graded["query"].unique())[: cfg.index.recall_queries]
         q = trained_query_embeddings(step_input(cfg, stage2, layout.Stage2).query_encoder, cfg, queries)
         recall = recall_at_k_vs_exact(index, matrix, q, k=10)
-        return {"factory": cfg.index.factory, "ntotal": index.ntotal, "dim": index.dim, "recall@10_vs_exact": recall, "n_recall_queries": len(queries)}
+        return {"factory": index.factory, "ntotal": index.ntotal, "dim": index.dim, "recall@10_vs_exact": recall,
+                "n_recall_queries": len(queries), "min_recall_at_10": cfg.index.min_recall_at_10,
+                "passed": bool(recall >= cfg.index.min_recall_at_10)}
 
-    return run_step(paths, Step.BUILD_INDEX, body)
+    summary = run_step(paths, Step.BUILD_INDEX, body)
+    if not summary.get("passed", True):
+        fail(f"index recall gate failed: recall@10 against exact search {summary['recall@10_vs_exact']:.3f} < "
+             f"index.min_recall_at_10 {summary['min_recall_at_10']:g} ({summary['factory']}, {summary['ntotal']} products, "
+             f"{summary['n_recall_queries']} queries); raise index.ef_search / index.nprobe or pick another index.factory. "
+             f"Index in {summary['uri']}")
+    return summary
 
 
 def evaluate(catalog_gate: dict, labels: dict, embeddings: dict, stage1: dict, stage2: dict, index: dict,

@@ -179,17 +179,27 @@ class ProductIndex:
         return loaded
 
 
+def resolve_factory(cfg: IndexConfig, n: int) -> str:
+    """The ``index_factory`` string for ``n`` products: ``cfg.factory``, or for ``"auto"`` exact ``Flat`` up to
+    ``cfg.flat_max_products`` and ``cfg.ann_factory`` above (exact search costs O(N) per query)."""
+    if cfg.factory.strip().lower() != "auto":
+        return cfg.factory
+    return "Flat" if n <= cfg.flat_max_products else cfg.ann_factory
+
+
 def build_index(embeddings: np.ndarray, product_ids: Sequence[str], cfg: IndexConfig) -> ProductIndex:
     """Build a FAISS inner-product index over product embeddings.
 
-    Steps: (1) check the inputs; (2) ``faiss.index_factory(D, cfg.factory, METRIC_INNER_PRODUCT)``;
-    (3) train on all embeddings when the index needs training (IVF, PQ); (4) add the embeddings;
-    (5) set ``nprobe`` / ``efSearch`` where they apply.
+    Steps: (1) check the inputs; (2) ``faiss.index_factory(D, resolve_factory(cfg, N), METRIC_INNER_PRODUCT)``;
+    (3) train when the index needs training (IVF, PQ), on at most ``cfg.train_sample`` vectors (a seeded
+    random sample: k-means cost grows with the training set, not with the catalog); (4) add the
+    embeddings in chunks of ``cfg.add_chunk``; (5) set ``nprobe`` / ``efSearch`` where they apply.
 
     Args:
         embeddings: (N, D) L2-normalised product embeddings (cast to float32).
         product_ids: N distinct ids; ``product_ids[i]`` belongs to ``embeddings[i]``.
-        cfg: ``factory``, ``nprobe`` and ``ef_search``.
+        cfg: ``factory`` (or ``auto`` with ``flat_max_products`` / ``ann_factory``), ``train_sample``,
+            ``add_chunk``, ``nprobe`` and ``ef_search``.
 
     Returns:
         A :class:`ProductIndex`.
@@ -214,34 +224,39 @@ def build_index(embeddings: np.ndarray, product_ids: Sequence[str], cfg: IndexCo
             norms.min(),
             norms.max(),
         )
-    if "IDMAP" in cfg.factory.upper():
+    factory = resolve_factory(cfg, n)
+    if "IDMAP" in factory.upper():
         raise ValueError(
-            f"index.factory {cfg.factory!r}: IDMap indexes are not supported; product ids are kept beside the index"
+            f"index.factory {factory!r}: IDMap indexes are not supported; product ids are kept beside the index"
         )
+    if cfg.add_chunk < 1 or cfg.train_sample < 1:
+        raise ValueError(f"index.add_chunk ({cfg.add_chunk}) and index.train_sample ({cfg.train_sample}) must be >= 1")
 
     # Step 2
     try:
-        index = faiss.index_factory(d, cfg.factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise ValueError(f"index.factory {cfg.factory!r} is not a valid faiss index_factory string: {exc}") from exc
+        raise ValueError(f"index.factory {factory!r} is not a valid faiss index_factory string: {exc}") from exc
 
     # Step 3
     if not index.is_trained:
+        sample = embeddings
+        if n > cfg.train_sample:  # seeded: the same catalog trains the same index
+            sample = embeddings[np.sort(np.random.default_rng(0).choice(n, cfg.train_sample, replace=False))]
         try:
-            index.train(embeddings)
+            index.train(sample)
         except RuntimeError as exc:
             raise ValueError(
-                f"index.factory {cfg.factory!r}: training on {n} vectors failed (too few for the number of "
+                f"index.factory {factory!r}: training on {len(sample)} vectors failed (too few for the number of "
                 f"centroids?); use a smaller factory such as 'Flat' or 'HNSW32': {exc}"
             ) from exc
 
     # Step 4 and 5
-    index.add(embeddings)
-    _apply_search_params(index, cfg.factory, cfg.nprobe, cfg.ef_search)
-    logger.info("built faiss index %r: %d vectors of dimension %d", cfg.factory, n, d)
-    return ProductIndex(
-        index=index, product_ids=product_ids, factory=cfg.factory, nprobe=cfg.nprobe, ef_search=cfg.ef_search
-    )
+    for start in range(0, n, cfg.add_chunk):
+        index.add(embeddings[start : start + cfg.add_chunk])
+    _apply_search_params(index, factory, cfg.nprobe, cfg.ef_search)
+    logger.info("built faiss index %r: %d vectors of dimension %d", factory, n, d)
+    return ProductIndex(index=index, product_ids=product_ids, factory=factory, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
 
 
 def recall_at_k_vs_exact(index: ProductIndex, embeddings: np.ndarray, queries: np.ndarray, k: int = 10) -> float:

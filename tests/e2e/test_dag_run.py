@@ -229,3 +229,36 @@ def test_cli_evaluate_recomputes_the_champion_report(first_run, tiny_config, tmp
     for system in ("dashclip", "dashclip_itm_rerank", "bm25_titles"):
         for key in ("ndcg@10", "recall@10", "recall@50"):
             assert mine["systems"][system][key] == pytest.approx(stored["systems"][system][key], abs=1e-4), (system, key)
+
+
+def test_an_index_below_the_recall_gate_stops_the_dag_before_evaluate_and_register(first_run, tiny_config, tmp_path):
+    import yaml
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from dashclip_core.config import PipelineConfig
+    from dashclip_core.storage import read_json
+    from tasks import steps
+    from tasks.common import run_paths
+
+    raw = yaml.safe_load(tiny_config.read_text())
+    raw["index"] = {**raw.get("index", {}), "factory": "IVF4,PQ4x2", "min_recall_at_10": 0.999}  # 2-bit PQ: coarse on purpose
+    config = tmp_path / "poor_index.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    first = run_paths(PipelineConfig.from_file(tiny_config), first_run.run_id)
+
+    def summary(step: str) -> dict:
+        return {"uri": first.uri(step), **read_json(first.local(step) / "summary.json")}
+
+    with pytest.raises(AirflowFailException, match=r"index recall gate failed: recall@10 against exact search 0\.\d+ < "
+                                                   r"index.min_recall_at_10 0.999 \(IVF4,PQ4x2"):
+        steps.build_index(summary("backfill_embeddings"), summary("validate_embeddings"), summary("label_pairs"),
+                          summary("train_stage2"), params={"config_path": str(config)}, run_id="recall-gate-1")
+
+    gated = read_json(run_paths(PipelineConfig.from_file(config), "recall-gate-1").local("build_index") / "summary.json")
+    assert gated["passed"] is False and gated["recall@10_vs_exact"] < 0.999 and gated["factory"] == "IVF4,PQ4x2"
+    # The failed task stops everything after it: evaluate and register_model run only when all upstream succeeded.
+    dag = _dag()
+    for task_id in ("evaluate", "register_model"):
+        task = dag.get_task(task_id)
+        assert "build_index" in task.get_flat_relative_ids(upstream=True) and task.trigger_rule == "all_success"
+    assert summary("build_index")["passed"] is True and summary("build_index")["factory"] == "Flat"  # auto at 96 products

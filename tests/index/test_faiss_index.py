@@ -115,3 +115,34 @@ def test_input_errors(clustered, tmp_path: Path) -> None:
         recall_at_k_vs_exact(index, points[:100], queries)
     with pytest.raises(FileNotFoundError, match="index.faiss"):
         ProductIndex.load(tmp_path)
+
+
+def test_auto_is_exact_up_to_the_flat_limit_and_ann_above(clustered) -> None:
+    from dashclip_core.index.faiss_index import resolve_factory
+
+    points, ids, _ = clustered
+    cfg = IndexConfig(factory="auto", flat_max_products=2000, ann_factory="HNSW32")
+    assert resolve_factory(cfg, 2000) == "Flat" and resolve_factory(cfg, 2001) == "HNSW32"
+    assert build_index(points, ids, cfg).factory == "Flat"
+    ann = build_index(points, ids, IndexConfig(factory="auto", flat_max_products=1999, ann_factory="HNSW32"))
+    assert ann.factory == "HNSW32" and "HNSW" in type(ann.index).__name__
+    assert resolve_factory(IndexConfig(factory="IVF8,Flat"), 10) == "IVF8,Flat"  # an explicit string is kept
+
+
+def test_ivf_trains_on_a_bounded_sample_and_adds_in_chunks(clustered, monkeypatch) -> None:
+    import faiss
+
+    points, ids, queries = clustered
+    trained_on, added = [], []
+    real_train, real_add = faiss.IndexIVFFlat.train, faiss.IndexIVFFlat.add
+    monkeypatch.setattr(faiss.IndexIVFFlat, "train", lambda self, x: (trained_on.append(len(x)), real_train(self, x))[1])
+    monkeypatch.setattr(faiss.IndexIVFFlat, "add", lambda self, x: (added.append(len(x)), real_add(self, x))[1])
+
+    index = build_index(points, ids, IndexConfig(factory="IVF8,Flat", train_sample=500, add_chunk=600))
+
+    assert trained_on == [500]
+    assert added == [600, 600, 600, 200] and index.ntotal == 2000
+    assert recall_at_k_vs_exact(index, points, queries, k=10) == 1.0  # nprobe 16 >= nlist: exhaustive, same answers
+    same = build_index(points, ids, IndexConfig(factory="IVF8,Flat", train_sample=500, add_chunk=600))
+    centroids = [faiss.extract_index_ivf(i.index).quantizer.reconstruct_n(0, 8) for i in (index, same)]
+    np.testing.assert_array_equal(*centroids)  # a seeded sample: the same catalog trains the same index
