@@ -1,7 +1,7 @@
 """An isolated environment for a drill: every store (catalog, runs, MLflow, Airflow, Ray) in a fresh temp folder.
 
 Set before Airflow, Ray or MLflow are imported (``python -m drills`` calls :func:`isolate` first), the
-same variables as ``tests/conftest.py``.
+same variables for the test session (``tests/conftest.py`` calls it too).
 """
 
 from __future__ import annotations

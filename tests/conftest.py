@@ -13,31 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from drills.env import isolate
+
 ROOT = Path(__file__).resolve().parent.parent
 _HOME = Path(tempfile.mkdtemp(prefix="dashclip-test-"))
 
-os.environ.update({
-    "DASHCLIP_HOME": str(_HOME),
-    "DASHCLIP_CONFIG_DIRS": str(_HOME),  # run configs that tests write (tasks/common.py allows only these + configs/)
-    "AIRFLOW_HOME": str(_HOME / "airflow"),
-    "AIRFLOW_CONFIG": str(ROOT / "airflow.cfg"),
-    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME / 'airflow' / 'airflow.db'}",
-    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-    "MLFLOW_TRACKING_URI": f"sqlite:///{_HOME / 'mlflow' / 'mlflow.db'}",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-})
-(_HOME / "airflow").mkdir(parents=True, exist_ok=True)
-(_HOME / "mlflow").mkdir(parents=True, exist_ok=True)
+# Every store in the session's temp home, with the same variables as the drills (tasks/common.py allows run
+# configs only under configs/ and DASHCLIP_CONFIG_DIRS, which this sets to the home).
+isolate(_HOME)
 
 
 def _register_openai_test_server() -> None:

@@ -179,7 +179,7 @@ def manifest_of(folder: Path) -> dict:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if rel != SUCCESS:
-            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     return {"format": MANIFEST_FORMAT, "files": files}
 
 
@@ -211,12 +211,13 @@ def _mismatch(path: Path, meta: dict) -> str:
     size = path.stat().st_size
     if size != meta["size"]:
         return f"{size} bytes, {SUCCESS} says {meta['size']} (partial or replaced)"
-    if _sha256(path) != meta["sha256"]:
+    if file_sha256(path) != meta["sha256"]:
         return f"SHA-256 differs from {SUCCESS} (overwritten after publication?)"
     return ""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex of a file, read in 1 MiB blocks (manifests; training's data fingerprints)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -91,11 +91,9 @@ def frame_digest(frame: pd.DataFrame, columns: list[str]) -> str:
 
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from dashclip_core.storage.run_paths import file_sha256
+
+    return file_sha256(path)
 
 
 def epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
