@@ -5,23 +5,50 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+QUERY_BLOCK = 256  # queries scored at once
+PRODUCT_BLOCK = 65_536  # products scored at once: a (256, 65536) float32 block is 64 MiB at any catalog size
 
-def rank_by_embeddings(query_emb: np.ndarray, product_emb: np.ndarray, product_ids: list[str], k: int) -> list[list[str]]:
-    """Exact inner-product top-k (unit vectors: cosine), ties broken by position.
+
+def rank_by_embeddings(query_emb: np.ndarray, product_emb: np.ndarray, product_ids: list[str], k: int,
+                       query_block: int = QUERY_BLOCK, product_block: int = PRODUCT_BLOCK) -> list[list[str]]:
+    """Exact inner-product top-k (unit vectors: cosine), ties broken by position, in bounded memory.
+
+    Scores one (``query_block``, ``product_block``) block at a time and keeps a running top-k per query,
+    so memory is O(block + Q * k), not O(Q * N): a 1M-product catalog never materialises a (Q, N) matrix.
+    Within a block, ``argpartition`` finds each query's k-th best score ``t``; every product scoring ``>= t``
+    is a candidate (all tied products, so ties still go to the lowest position), merged with the running
+    list by (score descending, position ascending): the same answer as a full stable sort.
 
     Args:
         query_emb: (Q, D) query embeddings.
-        product_emb: (N, D) product embeddings; row i is ``product_ids[i]``.
+        product_emb: (N, D) product embeddings (an array or a memory map); row i is ``product_ids[i]``.
         product_ids: N ids.
         k: ids per query (at most N are returned).
 
     Returns:
         Q lists of product ids, best first.
     """
-    scores = query_emb @ product_emb.T  # (Q, N)
-    k = min(k, scores.shape[1])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (Q, k)
-    return [[product_ids[i] for i in row] for row in top]
+    n = product_emb.shape[0]
+    k = min(k, n)
+    out: list[list[str]] = []
+    if k < 1:
+        return [[] for _ in range(len(query_emb))]
+    for q0 in range(0, len(query_emb), query_block):
+        queries = np.asarray(query_emb[q0 : q0 + query_block])  # (q, D)
+        best_scores = [np.empty(0, np.float64) for _ in range(len(queries))]
+        best_pos = [np.empty(0, np.int64) for _ in range(len(queries))]
+        for p0 in range(0, n, product_block):
+            scores = queries @ np.asarray(product_emb[p0 : p0 + product_block]).T  # (q, c)
+            kk = min(k, scores.shape[1])
+            kth = np.partition(scores, scores.shape[1] - kk, axis=1)[:, scores.shape[1] - kk]  # (q,) k-th best per query
+            for r in range(len(queries)):
+                cand = np.flatnonzero(scores[r] >= kth[r])  # >= k positions: the block's top-k and all ties with it
+                s = np.concatenate([best_scores[r], scores[r, cand]])
+                pos = np.concatenate([best_pos[r], cand + p0])
+                order = np.lexsort((pos, -s))[:k]  # score descending, then position ascending
+                best_scores[r], best_pos[r] = s[order], pos[order]
+        out.extend([product_ids[i] for i in row] for row in best_pos)
+    return out
 
 
 def ann_rankings(queries: list[str], query_emb: np.ndarray, products: pd.DataFrame, product_emb: np.ndarray, depth: int) -> dict[str, list[str]]:
