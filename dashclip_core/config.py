@@ -53,7 +53,7 @@ class CatalogConfig:
     grocery_products_per_class: int = 0  # 0 = every photo; >0 caps photos per fine class (speed)
     seed: int = 0
     sample_size: int = 0  # 0 = whole snapshot; >0 = a deterministic sample of this many products
-    image_roots: tuple[str, ...] = ()  # allowed image locations besides the catalog's own folder: local folders (relative = project root) and s3://bucket/prefix
+    image_roots: tuple[str, ...] = ()  # allowed image locations besides the catalog's own folder: local folders (relative = project root), s3://bucket/prefix and http(s)://host/prefix
     max_image_bytes: int = 20_000_000  # larger image files are quarantined (image_too_large) and never read in full
     max_image_pixels: int = 40_000_000  # width*height above this is quarantined (image_too_many_pixels) before decoding
     image_read_timeout_s: float = 10.0  # deadline of one image read + decode (and the S3 connect/read timeouts)

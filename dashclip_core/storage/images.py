@@ -118,6 +118,8 @@ class ImagePolicy:
         local_roots: allowed local folders (absolute, ``realpath``-resolved; :meth:`from_roots` resolves
             them). ``None`` = any local path (input that already passed the catalog gate); ``()`` = none.
         s3_prefixes: allowed ``s3://bucket[/prefix]`` prefixes; ``None`` = any, ``()`` = none.
+        http_prefixes: allowed ``http(s)://host[:port][/path]`` prefixes (a CDN or image service); ``None`` =
+            any, ``()`` = none. Redirects are followed only to URLs under an allowed prefix.
         max_bytes: largest file (or inline payload) read.
         max_pixels: largest ``width * height`` decoded.
         timeout_s: deadline of one read + decode (also botocore's connect and read timeouts); <= 0 = none.
@@ -126,6 +128,7 @@ class ImagePolicy:
 
     local_roots: tuple[str, ...] | None = None
     s3_prefixes: tuple[str, ...] | None = None
+    http_prefixes: tuple[str, ...] | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     timeout_s: float = DEFAULT_TIMEOUT_S
@@ -140,19 +143,22 @@ class ImagePolicy:
     @classmethod
     def from_roots(cls, roots, **limits: Any) -> ImagePolicy:
         """A policy allowing exactly ``roots``: local folders (made absolute and ``realpath``-resolved)
-        and ``s3://bucket[/prefix]`` entries. Blank entries are ignored."""
-        local, s3 = [], []
+        ``s3://bucket[/prefix]`` and ``http(s)://host[/path]`` entries. Blank entries are ignored."""
+        local, s3, http = [], [], []
         for root in roots:
             root = str(root).strip()
             if not root:
                 continue
-            if root.startswith("s3://"):
+            if root.startswith(_HTTP_SCHEMES):
+                http.append(_normalise_http(root).rstrip("/"))
+            elif root.startswith("s3://"):
                 bucket, key = _split_s3(root)
                 key = key.strip("/")
                 s3.append(f"s3://{bucket}/{key}" if key else f"s3://{bucket}")
             else:
                 local.append(os.path.realpath(os.path.abspath(os.path.expanduser(root.removeprefix("file://")))))
-        return cls(local_roots=tuple(dict.fromkeys(local)), s3_prefixes=tuple(dict.fromkeys(s3)), **limits)
+        return cls(local_roots=tuple(dict.fromkeys(local)), s3_prefixes=tuple(dict.fromkeys(s3)),
+                   http_prefixes=tuple(dict.fromkeys(http)), **limits)
 
     @classmethod
     def for_pipeline(cls, cfg: PipelineConfig) -> ImagePolicy:
@@ -161,7 +167,7 @@ class ImagePolicy:
         i.e. the generated catalog's folder (demo, grocery), the GroceryStoreDataset root (grocery) and
         the folder of a SQLite ``catalog_db_url()``. A SQLite URL that only an Airflow connection
         names is not known here: list its image folder in ``catalog.image_roots``."""
-        roots = [_project_path(r) if not r.startswith("s3://") else r for r in cfg.catalog.image_roots]
+        roots = [r if r.startswith(("s3://", *_HTTP_SCHEMES)) else _project_path(r) for r in cfg.catalog.image_roots]
         if cfg.catalog.source in ("demo", "grocery") and not cfg.catalog.db_url:
             roots.append(str(cfg.catalog_dir()))
         if cfg.catalog.source == "grocery":
@@ -183,7 +189,8 @@ class ImagePolicy:
     def describe_roots(self) -> str:
         local = "any local path" if self.local_roots is None else (", ".join(self.local_roots) or "no local path")
         s3 = "any s3:// object" if self.s3_prefixes is None else (", ".join(self.s3_prefixes) or "no s3:// object")
-        return f"{local}; {s3}"
+        http = "any http(s) URL" if self.http_prefixes is None else (", ".join(self.http_prefixes) or "no http(s) URL")
+        return f"{local}; {s3}; {http}"
 
     # ---- the root check ----------------------------------------------------------------------
 
@@ -194,8 +201,11 @@ class ImagePolicy:
             raise ImageRejected("image_unreadable", "empty image location", str(uri))
         if uri.startswith("s3://"):
             return self._locate_s3(uri)
+        if uri.lower().startswith(_HTTP_SCHEMES):
+            return self._locate_http(uri)
         if "://" in uri and not uri.startswith("file://"):
-            raise ImageRejected("image_outside_roots", f"scheme {uri.split('://')[0]!r} is not supported (local paths and s3:// only)", uri)
+            raise ImageRejected("image_outside_roots", f"scheme {uri.split('://')[0]!r} is not supported "
+                                "(local paths, s3:// and http(s):// only)", uri)
         path = uri.removeprefix("file://")
         if not os.path.isabs(path):
             raise ImageRejected("image_outside_roots", "relative path: it would resolve against the reader's working "
@@ -222,6 +232,16 @@ class ImagePolicy:
                 raise ImageRejected("image_outside_roots", f"not under an allowed root ({self.describe_roots()}); "
                                     "add its s3:// prefix to catalog.image_roots if it belongs to the catalog", uri)
         return f"s3://{bucket}/{key}"
+
+    def _locate_http(self, uri: str) -> str:
+        try:
+            url = _normalise_http(uri)
+        except ValueError as err:
+            raise ImageRejected("image_outside_roots", str(err), uri) from None
+        if self.http_prefixes is not None and not any(_under_http(url, p) for p in self.http_prefixes):
+            raise ImageRejected("image_outside_roots", f"not under an allowed root ({self.describe_roots()}); "
+                                "add its http(s) prefix to catalog.image_roots if it belongs to the catalog", uri)
+        return url
 
 
 TRUSTED_INPUT = ImagePolicy(max_bytes=256_000_000, max_pixels=178_956_970, timeout_s=60.0)
@@ -343,7 +363,11 @@ class PixelBudget:
 def _read_located(uri: str, policy: ImagePolicy) -> bytes:
     where = policy.locate(uri)
     try:
-        return _read_s3(where, policy) if where.startswith("s3://") else _read_local(where, policy)
+        if where.startswith("s3://"):
+            return _read_s3(where, policy)
+        if where.startswith(_HTTP_SCHEMES):
+            return _read_http(where, policy)
+        return _read_local(where, policy)
     except ImageRejected as rejected:
         raise rejected.located(uri) from None
 
@@ -412,6 +436,80 @@ def _read_s3(uri: str, policy: ImagePolicy) -> bytes:
     return data
 
 
+_HTTP_SCHEMES = ("http://", "https://")
+HTTP_ATTEMPTS = 3  # tries per image URL on 429 / 5xx / a dropped or refused connection, with exponential backoff
+HTTP_BACKOFF_S = 0.5  # first wait; doubles per retry (all within the read's deadline)
+
+
+def _normalise_http(uri: str) -> str:
+    """``scheme://host[:port]/path[?query]`` with the scheme and host lower-cased; refuses user info (credentials
+    in a catalog URL), a missing host and ``.`` / ``..`` path segments (servers normalise them away)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL with a host: {uri!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("http(s) image URLs may not carry user info (credentials)")
+    if any(seg in (".", "..") for seg in parts.path.split("/")):
+        raise ValueError("URL path has '.' or '..' segments")
+    netloc = parts.hostname.lower() + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", parts.query, ""))
+
+
+def _under_http(url: str, prefix: str) -> bool:
+    """``url`` is ``prefix`` or below it at a path-segment boundary (same scheme, host and port)."""
+    base = url.split("?", 1)[0]
+    return base == prefix or base.startswith(prefix + "/") or (prefix.endswith("/") and base.startswith(prefix))
+
+
+def _read_http(url: str, policy: ImagePolicy) -> bytes:
+    """GET ``url`` with connect/read timeouts, at most ``max_bytes`` read (Content-Length checked first), retries
+    with backoff on 429 / 5xx / connection errors, and redirects only to URLs the policy allows."""
+    import urllib.error
+    import urllib.request
+
+    timeout = policy.timeout_s if policy.timeout_s > 0 else 60.0
+
+    class _CheckedRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            try:
+                policy.locate(newurl)
+            except ImageRejected as rejected:
+                raise ImageRejected("image_outside_roots", f"redirected ({code}) to {newurl!r}: {rejected.detail}") from None
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    opener = urllib.request.build_opener(_CheckedRedirect())
+    wait = HTTP_BACKOFF_S
+    for attempt in range(1, HTTP_ATTEMPTS + 1):
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "dashclip-image-reader", "Accept": "image/*"})
+            with opener.open(request, timeout=timeout) as response:
+                length = response.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) > policy.max_bytes:
+                    raise ImageRejected("image_too_large", f"{length} bytes > max {policy.max_bytes} bytes")
+                data = response.read(policy.max_bytes + 1)
+            if len(data) > policy.max_bytes:
+                raise ImageRejected("image_too_large", f"more than max {policy.max_bytes} bytes")
+            return data
+        except urllib.error.HTTPError as err:
+            if err.code == 404 or err.code == 410:
+                raise ImageRejected("image_not_found", f"HTTP {err.code}") from None
+            if not (err.code == 429 or err.code >= 500) or attempt == HTTP_ATTEMPTS:
+                raise ImageRejected("image_unreadable", f"HTTP {err.code} {err.reason} after {attempt} tries") from None
+        except TimeoutError:
+            raise ImageRejected("image_timeout", f"HTTP: no answer within {timeout} s") from None
+        except (urllib.error.URLError, ConnectionError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            if isinstance(reason, TimeoutError):
+                raise ImageRejected("image_timeout", f"HTTP: no answer within {timeout} s") from None
+            if attempt == HTTP_ATTEMPTS:
+                raise ImageRejected("image_unreadable", f"HTTP: {type(reason).__name__}: {reason} after {attempt} tries") from None
+        time.sleep(wait)
+        wait *= 2
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
 _S3_CLIENTS: dict[tuple[str, float], Any] = {}
 _S3_LOCK = threading.Lock()
 
@@ -456,11 +554,12 @@ def _with_deadline(fn, timeout_s: float, label: str):
 
 
 def split_roots(text: str) -> list[str]:
-    """``os.pathsep``-separated roots; on POSIX the ``:`` of ``s3://`` / ``file://`` does not split."""
+    """``os.pathsep``-separated roots; on POSIX the ``:`` of ``s3://`` / ``file://`` / ``http(s)://`` does not split
+    (a port's ``:`` in an http root does: use a host without a port there, or pass the root in ``model_config``)."""
     pieces, out = text.split(os.pathsep), []
     while pieces:
         piece = pieces.pop(0)
-        if piece in ("s3", "file") and pieces and pieces[0].startswith("//"):
+        if piece in ("s3", "file", "http", "https") and pieces and pieces[0].startswith("//"):
             piece = f"{piece}:{pieces.pop(0)}"
         if piece.strip():
             out.append(piece.strip())
