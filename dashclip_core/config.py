@@ -189,6 +189,7 @@ class RayConfig:
     num_cpus: int = 2  # local Ray only
     backfill_actors: int = 2
     backfill_batch_size: int = 64
+    backfill_incremental: bool = True  # reuse embeddings of unchanged products under an unchanged model (<cache_dir>/embeddings)
 
 
 @dataclass(frozen=True)

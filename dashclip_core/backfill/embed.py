@@ -49,16 +49,52 @@ class ProductEmbedder:
         return pd.DataFrame({"product_id": batch["product_id"].to_numpy(), "embedding": list(emb.astype(np.float32))})
 
 
-def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame, model_dir: Path, out_path: Path, stem_path: Path | None = None) -> dict:
-    """Embed every product of the snapshot with Ray Data and write ``out_path`` (parquet).
+def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame, model_dir: Path, out_path: Path, stem_path: Path | None = None,
+                        store_dir: Path | None = None) -> dict:
+    """Embed the snapshot's products with Ray Data and write ``out_path`` (parquet, snapshot order).
 
     ``stem_path``: the run's frozen-stem store (``models/image_stem.py``), when stage 1 left one; photos it
-    covers skip the frozen part of the image tower (same function, computed once), others are decoded."""
+    covers skip the frozen part of the image tower (same function, computed once), others are decoded.
+
+    With ``ray.backfill_incremental`` (default), products whose content key is in the model's
+    :class:`~dashclip_core.backfill.incremental.EmbeddingStore` (``store_dir``, default
+    ``<cache_dir>/embeddings``) are read back instead of embedded, and the new embeddings are added to it.
+    Returns ``n_products``, ``dim``, ``n_embedded`` and ``n_reused``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from dashclip_core.backfill.incremental import EmbeddingStore, content_keys, model_digest
+    from dashclip_core.storage.images import ImagePolicy
+
+    policy = ImagePolicy.for_pipeline(cfg)
+    products = products.reset_index(drop=True)
+    store = keys = None
+    reused: dict[str, np.ndarray] = {}
+    if cfg.ray.backfill_incremental:
+        store = EmbeddingStore(Path(store_dir or cfg.cache_dir() / "embeddings") / model_digest(Path(model_dir)))
+        keys = content_keys(products, policy)
+        reused = store.lookup(keys)
+    todo = [i for i in range(len(products)) if keys is None or keys[i] not in reused]  # rows to embed
+    fresh = _embed_with_ray(cfg, products.iloc[todo], model_dir, stem_path, policy) if todo else {}
+    ids = products["product_id"].astype(str).tolist()
+    if store is not None and todo:
+        store.add([keys[i] for i in todo], np.stack([fresh[ids[i]] for i in todo]))
+    rows = [reused[keys[i]] if keys is not None and keys[i] in reused else fresh[pid] for i, pid in enumerate(ids)]
+    matrix = np.stack(rows).astype(np.float32) if rows else np.zeros((0, cfg.model.embed_dim), np.float32)
+    table = pa.table({
+        "product_id": pa.array(ids),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1]).cast(pa.list_(pa.float32())),
+    })
+    pq.write_table(table, out_path)
+    logger.info("backfill: %d products, %d embedded, %d reused from the embedding store", len(products), len(todo),
+                len(products) - len(todo))
+    return {"n_products": len(products), "dim": int(matrix.shape[1]), "n_embedded": len(todo), "n_reused": len(products) - len(todo)}
+
+
+def _embed_with_ray(cfg: PipelineConfig, products: pd.DataFrame, model_dir: Path, stem_path: Path | None, policy) -> dict[str, np.ndarray]:
+    """product_id -> embedding for ``products``, by a Ray Data actor pool (one encoder per actor)."""
     import ray.data
 
-    from dashclip_core.storage.images import ImagePolicy
     from dashclip_core.training.ray_launcher import ensure_ray
 
     ensure_ray(cfg)
@@ -68,21 +104,13 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame, model_dir: 
     out = ds.map_batches(
         ProductEmbedder,
         fn_constructor_kwargs={"model_dir": str(model_dir), "stem_path": str(stem_path) if stem_path else "",
-                               "image_policy": ImagePolicy.for_pipeline(cfg)},
+                               "image_policy": policy},
         batch_size=cfg.ray.backfill_batch_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=cfg.ray.backfill_actors),
         num_cpus=1,
     ).to_pandas()
-    order = {p: i for i, p in enumerate(products["product_id"])}
-    out = out.sort_values("product_id", key=lambda s: s.map(order)).reset_index(drop=True)
-    matrix = np.stack([np.asarray(e, np.float32) for e in out["embedding"]]) if len(out) else np.zeros((0, cfg.model.embed_dim), np.float32)
-    table = pa.table({
-        "product_id": pa.array(out["product_id"].astype(str).tolist()),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1]).cast(pa.list_(pa.float32())),
-    })
-    pq.write_table(table, out_path)
-    return {"n_products": len(out), "dim": int(matrix.shape[1])}
+    return {str(p): np.asarray(e, np.float32) for p, e in zip(out["product_id"], out["embedding"])}
 
 
 def read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:

@@ -322,6 +322,49 @@ def decode_image(data: bytes, policy: ImagePolicy, label: str = "", draft_size: 
     return im
 
 
+def image_fingerprint(uri: str, policy: ImagePolicy) -> str:
+    """What identifies the image's current content without reading it: a local file's size and mtime (ns),
+    an S3 object's ETag, an http(s) resource's ETag (else Last-Modified + Content-Length, from a HEAD; with
+    neither header, the SHA-256 of its bytes).
+    Incremental backfill keys embeddings by it, so a photo replaced in place gets a new key.
+
+    Raises:
+        ImageRejected: the location is not allowed or cannot be reached.
+    """
+    where = policy.locate(uri)
+    try:
+        if where.startswith("s3://"):
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            bucket, key = _split_s3(where)
+            try:
+                return "s3:" + str(_s3_client(policy.s3_endpoint_url, policy.timeout_s).head_object(Bucket=bucket, Key=key)["ETag"])
+            except (ClientError, BotoCoreError) as err:
+                raise ImageRejected("image_unreadable", f"S3 HEAD: {err}") from None
+        if where.startswith(_HTTP_SCHEMES):
+            import urllib.request
+
+            request = urllib.request.Request(where, method="HEAD", headers={"User-Agent": "dashclip-image-reader"})
+            try:
+                with urllib.request.urlopen(request, timeout=policy.timeout_s if policy.timeout_s > 0 else 60.0) as response:
+                    h = response.headers
+                    if h.get("ETag") or h.get("Last-Modified"):
+                        return "http:" + (h.get("ETag") or f"{h.get('Last-Modified')}|{h.get('Content-Length', '')}")
+            except OSError as err:
+                if getattr(err, "code", None) not in (405, 501):  # a server without HEAD: hash the body below
+                    raise ImageRejected("image_unreadable", f"HTTP HEAD: {err}") from None
+            import hashlib  # neither header: the content itself is the only identity
+
+            return "http-sha256:" + hashlib.sha256(_read_http(where, policy)).hexdigest()
+        try:
+            st = os.stat(where)
+        except OSError as err:
+            raise ImageRejected("image_not_found" if isinstance(err, FileNotFoundError) else "image_unreadable", str(err)) from None
+        return f"file:{st.st_size}:{st.st_mtime_ns}"
+    except ImageRejected as rejected:
+        raise rejected.located(uri) from None
+
+
 def check_image(source: str | InlineImage, policy: ImagePolicy, budget: PixelBudget | None = None) -> ImageRejected | None:
     """None when ``source`` reads and decodes under ``policy``, else the rejection (the catalog gate's check).
 

@@ -143,3 +143,19 @@ def test_the_catalog_gate_quarantines_bad_urls_and_keeps_good_ones(server, tiny_
     assert sorted(result.clean["product_id"]) == ["a", "e"]
     reasons = dict(zip(result.quarantine["product_id"], result.quarantine["reason"]))
     assert "image_not_found" in reasons["b"] and "image_too_large" in reasons["c"] and "image_outside_roots" in reasons["d"]
+
+
+def test_fingerprints_identify_the_content_without_decoding(server, policy, tmp_path):
+    from dashclip_core.storage.images import image_fingerprint
+
+    # This server answers HEAD with 501 and sends no ETag or Last-Modified: the bytes' SHA-256 is the identity.
+    assert image_fingerprint(f"{server}/img/good.png", policy) == image_fingerprint(f"{server}/img/good.png", policy)
+    assert image_fingerprint(f"{server}/img/good.png", policy).startswith("http-sha256:")
+    photo = tmp_path / "a.png"
+    photo.write_bytes(png_bytes())
+    local = ImagePolicy.from_roots([tmp_path])
+    before = image_fingerprint(str(photo), local)
+    photo.write_bytes(png_bytes((20, 20)))  # replaced in place
+    assert image_fingerprint(str(photo), local) != before
+    with pytest.raises(ImageRejected):
+        image_fingerprint(f"{server}/private/x.png", policy)
