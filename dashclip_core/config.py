@@ -190,6 +190,7 @@ class RayConfig:
     backfill_actors: int = 2
     backfill_batch_size: int = 64
     backfill_incremental: bool = True  # reuse embeddings of unchanged products under an unchanged model (<cache_dir>/embeddings)
+    backfill_keep_models: int = 3  # embedding stores kept: this run's model and the most recently used others
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,11 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame, model_dir: 
     todo = [i for i in range(len(products)) if keys is None or keys[i] not in reused]  # rows to embed
     fresh = _embed_with_ray(cfg, products.iloc[todo], model_dir, stem_path, policy) if todo else {}
     ids = products["product_id"].astype(str).tolist()
-    if store is not None and todo:
-        store.add([keys[i] for i in todo], np.stack([fresh[ids[i]] for i in todo]))
+    if store is not None:
+        if todo:
+            store.add([keys[i] for i in todo], np.stack([fresh[ids[i]] for i in todo]))
+        store.touch()
+        store.prune_others(cfg.ray.backfill_keep_models)
     rows = [reused[keys[i]] if keys is not None and keys[i] in reused else fresh[pid] for i, pid in enumerate(ids)]
     matrix = np.stack(rows).astype(np.float32) if rows else np.zeros((0, cfg.model.embed_dim), np.float32)
     table = pa.table({

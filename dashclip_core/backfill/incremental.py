@@ -82,11 +82,17 @@ class EmbeddingStore:
         wanted = pa.array(sorted(set(keys)), pa.string())
         found: dict[str, np.ndarray] = {}
         for part in self.parts():
-            table = pq.read_table(part, columns=["key"])
+            try:
+                table = pq.read_table(part, columns=["key"])
+            except FileNotFoundError:  # pruned by another run meanwhile: those rows are embedded again
+                continue
             rows = pc.indices_nonzero(pc.is_in(table["key"], value_set=wanted)).to_numpy()
             if len(rows) == 0:
                 continue
-            hit = pq.read_table(part).take(pa.array(rows))
+            try:
+                hit = pq.read_table(part).take(pa.array(rows))
+            except FileNotFoundError:
+                continue
             for key, emb in zip(hit["key"].to_pylist(), hit["embedding"].to_numpy(zero_copy_only=False)):
                 found[key] = np.asarray(emb, np.float32)
         return found
@@ -108,3 +114,22 @@ class EmbeddingStore:
         pq.write_table(table, tmp)
         os.replace(tmp, self.folder / name)
         return self.folder / name
+
+    def touch(self) -> None:
+        """Mark this model's store as used now (pruning keeps the most recently used ones)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        os.utime(self.folder)
+
+    def prune_others(self, keep: int) -> list[Path]:
+        """Delete the stores of other models beyond the ``keep`` most recently used (this one always stays).
+
+        A run still reading a pruned store only loses reuse: its lookups skip vanished parts and embed those rows."""
+        import shutil
+
+        others = [p for p in self.folder.parent.iterdir() if p.is_dir() and p != self.folder] if self.folder.parent.is_dir() else []
+        others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        removed = others[max(keep - 1, 0):]
+        for folder in removed:
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("embedding store: pruned %s (ray.backfill_keep_models)", folder)
+        return removed

@@ -84,3 +84,26 @@ def test_a_new_model_embeds_everything(setup):
     assert info["n_embedded"] == len(products) and info["n_reused"] == 0
     _, emb_a = _backfill(setup, products, model_a, "a-again")
     assert not np.allclose(emb_a, emb_b)
+
+
+def test_stores_of_old_models_are_pruned_and_a_vanished_part_is_re_embedded(tmp_path):
+    from dashclip_core.backfill.incremental import EmbeddingStore
+
+    stores = [EmbeddingStore(tmp_path / f"model-{i}") for i in range(5)]
+    for i, store in enumerate(stores):
+        store.add([f"k{i}"], np.ones((1, 4), np.float32))
+        store.touch()
+        os.utime(store.folder, (1_000_000 + i, 1_000_000 + i))  # used in order 0..4
+    current = stores[1]
+    current.touch()
+
+    removed = current.prune_others(keep=3)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-1", "model-3", "model-4"]
+    assert sorted(p.name for p in removed) == ["model-0", "model-2"]
+    assert set(current.lookup(["k1", "k0"])) == {"k1"}
+    listed = current.parts()
+    for part in listed:
+        part.unlink()  # pruned by another run between the listing and the read
+    current.parts = lambda: listed
+    assert current.lookup(["k1"]) == {}
