@@ -50,7 +50,11 @@ def summary_lines(run_id: str, config_path: str, wall: float | None = None, task
     if (idx := step_summary(Step.BUILD_INDEX)) is not None:
         out.append("")
         out.append(f"index: {idx['factory']} with {idx['ntotal']} products (dim {idx['dim']}), "
-                   f"recall@10 vs exact {idx['recall@10_vs_exact']:.3f}")
+                   f"recall@10 vs exact {idx['recall@10_vs_exact']:.3f}"
+                   + (f" (gate >= {idx['min_recall_at_10']:g}: {'passed' if idx.get('passed') else 'FAILED'})"
+                      if "min_recall_at_10" in idx else ""))
+    if (emb := step_summary(Step.BACKFILL_EMBEDDINGS)) is not None and "n_embedded" in emb:
+        out.append(f"backfill: {emb['n_embedded']} products embedded, {emb['n_reused']} reused (unchanged content and model)")
     if (reg := step_summary(Step.REGISTER_MODEL)) is not None:
         aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(reg["aliases"].items()))
         out.append(f"registered: {reg['model_name']} version {reg['version']} (aliases: {aliases}); {reg['decision']['reason']}")

@@ -71,7 +71,9 @@ def test_summary_reads_the_published_steps(tmp_path) -> None:
     hits = [{"product_id": "p1", "title": None, "category": "dairy"}]
     outputs = {
         Step.EVALUATE: {"n_eval_queries": 3, "systems": systems},
-        Step.BUILD_INDEX: {"factory": "Flat", "ntotal": 10, "dim": 8, "recall@10_vs_exact": 1.0},
+        Step.BUILD_INDEX: {"factory": "Flat", "ntotal": 10, "dim": 8, "recall@10_vs_exact": 1.0, "min_recall_at_10": 0.95,
+                           "passed": True},
+        Step.BACKFILL_EMBEDDINGS: {"n_products": 10, "dim": 8, "n_embedded": 2, "n_reused": 8},
         Step.REGISTER_MODEL: {"model_name": "m", "version": 2, "aliases": {"challenger": 2, "champion": 1},
                               "decision": {"reason": "champion kept"}},
     }
@@ -91,7 +93,8 @@ def test_summary_reads_the_published_steps(tmp_path) -> None:
     assert any(ln.split()[:2] == ["register_model", "upstream_failed"] for ln in lines)
     header = next(ln for ln in lines if ln.startswith("metric"))
     assert header.split() == ["metric", "dashclip", "bm25_titles"]
-    assert "index: Flat with 10 products (dim 8), recall@10 vs exact 1.000" in "\n".join(lines)
+    assert "index: Flat with 10 products (dim 8), recall@10 vs exact 1.000 (gate >= 0.95: passed)" in lines
+    assert "backfill: 2 products embedded, 8 reused (unchanged content and model)" in lines
     assert "  -> m@challenger" in lines and "      p1  (image-only product)  [dairy]" in lines
     assert lines[-1] == f"run folder: {paths.run_uri}"
 
