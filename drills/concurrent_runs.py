@@ -46,6 +46,7 @@ RUNS = {  # config name -> overrides of configs/tiny.yaml; same registry.model_n
 SHARED_STORES = {  # top-level folders of DASHCLIP_HOME that both runs use by design, and why that is safe
     "mlflow": "MLflow SQLite DB and artifact store: rows and artifacts keyed by MLflow run / logged model id",
     "cache/labels": "label cache (SQLite WAL, INSERT OR IGNORE by content key) and label store (append-only parts, os.link)",
+    "cache/embeddings": "embedding store per model digest (append-only parts keyed by content, each renamed into place)",
 }
 
 
