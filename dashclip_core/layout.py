@@ -94,7 +94,26 @@ class Snapshot(StepFolder):
 
 
 @dataclass(frozen=True)
-class CatalogGate(StepFolder):
+class GateReport(StepFolder):
+    """A gate's folder (``validate_labels``, ``validate_embeddings``; ``CatalogGate`` adds its row sets): the
+    gate's report and its GX Data Docs site."""
+
+    @property
+    def report(self) -> Path:
+        return self.dir / GATE_REPORT
+
+    @property
+    def data_docs(self) -> Path:
+        """The GX Data Docs site of this gate's validation (``data_docs_index`` is its entry page)."""
+        return self.dir / DATA_DOCS
+
+    @property
+    def data_docs_index(self) -> Path:
+        return self.data_docs / DATA_DOCS_INDEX
+
+
+@dataclass(frozen=True)
+class CatalogGate(GateReport):
     """``validate_catalog``: the rows that passed (``clean``), the rows that did not, with reasons."""
 
     @property
@@ -119,20 +138,6 @@ class CatalogGate(StepFolder):
     def human_labels_report(self) -> Path:
         return self.dir / "human_labels_report.json"
 
-    @property
-    def report(self) -> Path:
-        return self.dir / GATE_REPORT
-
-    @property
-    def data_docs(self) -> Path:
-        """The GX Data Docs site of this gate's validation (``data_docs_index`` is its entry page)."""
-        return self.dir / DATA_DOCS
-
-    @property
-    def data_docs_index(self) -> Path:
-        return self.data_docs / DATA_DOCS_INDEX
-
-
 @dataclass(frozen=True)
 class Labels(StepFolder):
     """``label_pairs``: human + teacher labels, and how good the teacher was."""
@@ -156,24 +161,6 @@ class Labels(StepFolder):
     @property
     def labeling_summary(self) -> Path:
         return self.dir / "labeling_summary.json"
-
-
-@dataclass(frozen=True)
-class GateReport(StepFolder):
-    """``validate_labels`` / ``validate_embeddings``: the gate's report and its GX Data Docs site."""
-
-    @property
-    def report(self) -> Path:
-        return self.dir / GATE_REPORT
-
-    @property
-    def data_docs(self) -> Path:
-        """The GX Data Docs site of this gate's validation (``data_docs_index`` is its entry page)."""
-        return self.dir / DATA_DOCS
-
-    @property
-    def data_docs_index(self) -> Path:
-        return self.data_docs / DATA_DOCS_INDEX
 
 
 @dataclass(frozen=True)

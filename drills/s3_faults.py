@@ -18,9 +18,11 @@ read before that step's ``_SUCCESS`` was written; no staging or download folder 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from drills import Row
@@ -37,17 +39,9 @@ VOLATILE_FOLDERS = ("data_docs/",)
 
 
 def run(work: Path) -> Row:
-    from moto.server import ThreadedMotoServer
-
     from tasks import steps
 
-    aws_test_credentials()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        moto_url = f"http://{host}:{port}"
+    with moto_s3() as moto_url:
         s3 = _client(moto_url)
         s3.create_bucket(Bucket=BUCKET)
         with FaultProxy(moto_url, seed=11) as proxy:
@@ -101,8 +95,6 @@ def run(work: Path) -> Row:
         debris = [p.name for d in (work / "cache-faulty",) for p in d.rglob("*") if ".staging-" in p.name or p.name.startswith(".download-")]
         if differences or early_reads or debris:
             raise AssertionError(f"differences {differences[:5]}; read before _SUCCESS: {early_reads[:5]}; debris: {debris[:5]}")
-    finally:
-        server.stop()
     injected = ", ".join(f"{n} {k}" for k, n in sorted(faults.items()))
     return Row(
         fault=f"S3 via fault proxy: outage after 2 PUTs ({outage_faults} refused), then {injected} over {len(log) - since} requests",
@@ -204,6 +196,22 @@ def _client(endpoint: str):
     import boto3
 
     return boto3.client("s3", endpoint_url=endpoint)
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (test credentials, its request log quiet) for the body; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    aws_test_credentials()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
 
 
 def aws_test_credentials() -> None:

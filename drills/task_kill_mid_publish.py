@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 from drills import Row
 from drills.env import ROOT
 from drills.faults import FaultProxy
-from drills.s3_faults import aws_test_credentials, diff_step_folders, published_copy
+from drills.s3_faults import diff_step_folders, moto_s3, published_copy
 
 ATTEMPTS = 4
 TASK_TIMEOUT_S = 600  # one step in one process (register_model: pyfunc logging and scoring on 2 busy cores)
@@ -110,15 +109,7 @@ def _local_extract(work: Path) -> Row:
 
 def _s3_extract(work: Path) -> Row:
     import boto3
-    from moto.server import ThreadedMotoServer
-
-    aws_test_credentials()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        moto_url = f"http://{host}:{port}"
+    with moto_s3() as moto_url:
         s3 = boto3.client("s3", endpoint_url=moto_url)
         s3.create_bucket(Bucket="dashclip-kill")
         cache = work / "cache"
@@ -147,8 +138,6 @@ def _s3_extract(work: Path) -> Row:
         debris += [p.name for p in cache.rglob(".download-*")]
         if debris or differences:
             raise AssertionError(f"after the retry: debris {debris}, differences {differences[:5]}")
-    finally:
-        server.stop()
     return Row(
         fault=f"SIGKILL extract_catalog between S3 uploads (0.3 s per PUT; {attempts} tries to land it)",
         what_happened=(f"killed with {killed_state} up and no _SUCCESS; retry uploaded every file, then _SUCCESS; "
