@@ -57,6 +57,7 @@ class CatalogConfig:
     max_image_bytes: int = 20_000_000  # larger image files are quarantined (image_too_large) and never read in full
     max_image_pixels: int = 40_000_000  # width*height above this is quarantined (image_too_many_pixels) before decoding
     image_read_timeout_s: float = 10.0  # deadline of one image read + decode (and the S3 connect/read timeouts)
+    chunk_rows: int = 100_000  # rows per partition of the snapshot and the gate's sets, per SQL fetch and per gate batch (bounds each step's memory)
 
 
 @dataclass(frozen=True)

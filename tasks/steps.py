@@ -54,26 +54,24 @@ def validate_catalog(catalog: dict, params: dict | None = None, run_id: str | No
         import pandas as pd
 
         from dashclip_core.storage.images import ImagePolicy
-        from dashclip_core.validation.catalog_gate import validate_catalog as gate
-        from dashclip_core.validation.catalog_gate import write_gate_outputs
+        from dashclip_core.validation.catalog_gate import validate_catalog_parts as gate
         from dashclip_core.validation.expectations import write_data_docs
         from dashclip_core.validation.human_label_gate import validate_human_labels, write_human_label_outputs
 
         snap = step_input(cfg, catalog, layout.Snapshot)
-        products = pd.read_parquet(snap.products)
-        # Images are read only under the catalog's folder and catalog.image_roots, within the byte/pixel/time caps.
-        result = gate(products, cfg.validation, images=ImagePolicy.for_pipeline(cfg))
-        write_gate_outputs(result, out)
-        # Then the human labels (label in {0,1,2}, ids present, known product, split), against the clean products.
-        human = validate_human_labels(pd.read_parquet(snap.human_labels), products["product_id"], result.clean["product_id"],
-                                      cfg.validation)
+        # Partition by partition (catalog.chunk_rows rows at a time), images read only under the catalog's folder and
+        # catalog.image_roots, within the byte/pixel/time caps; clean and quarantine are written partitioned.
+        result = gate(snap.products, cfg.validation, out, cfg.catalog.chunk_rows, images=ImagePolicy.for_pipeline(cfg))
+        # Then the human labels (label in {0,1,2}, ids present, known product, split), against the clean products' ids.
+        human = validate_human_labels(pd.read_parquet(snap.human_labels), result.all_ids, result.clean_ids, cfg.validation)
         write_human_label_outputs(human, out)
         write_data_docs([*result.validation_results, *human.validation_results], out)  # one site, both suites
 
         def failing(gate_summary: dict) -> list[str]:
             return [f"{f.get('check')}:{f.get('column')}" for f in gate_summary.get("failing_expectations", [])]
 
-        return {"passed": result.passed and human.passed, "n_clean": len(result.clean), "n_quarantined": len(result.quarantine),
+        return {"passed": result.passed and human.passed, "n_clean": result.n_clean, "n_quarantined": result.n_quarantined,
+                "n_partitions": result.n_partitions,
                 "failing": failing(result.summary), "products_passed": result.passed, "human_labels_passed": human.passed,
                 "n_human_labels": len(human.clean), "n_human_labels_quarantined": len(human.quarantine),
                 "n_human_labels_bad": human.summary["n_bad"], "human_labels_failing": failing(human.summary),
@@ -227,16 +225,15 @@ def train_stage2(catalog_gate: dict, labels: dict, stage1: dict, params: dict | 
 
 
 def backfill_embeddings(catalog_gate: dict, stage1: dict, params: dict | None = None, run_id: str | None = None) -> dict:
-    """Ray Data: product embeddings for the whole validated snapshot -> embeddings.parquet."""
+    """Ray Data: product embeddings for the whole validated snapshot -> embeddings.parquet/ (parts), streamed in
+    bounded chunks; unchanged products under an unchanged model are carried over from the embedding store."""
     cfg = resolve_config(params)
     paths = run_paths(cfg, run_id)
 
     def body(out):
-        import pandas as pd
-
         from dashclip_core.backfill.embed import backfill_embeddings as backfill
 
-        products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
+        products = step_input(cfg, catalog_gate, layout.CatalogGate).clean  # read in catalog.chunk_rows chunks, never whole
         stem = stage1.get("image_stem")  # the frozen image stem stage 1 computed (used when it matches the model)
         return backfill(cfg, products, step_input(cfg, stage1, layout.Stage1).product_encoder, layout.Embeddings(out).embeddings,
                         stem_path=stem)

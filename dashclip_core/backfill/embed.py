@@ -1,8 +1,15 @@
-"""Embedding backfill: product embeddings for a whole snapshot with Ray Data.
+"""Embedding backfill: product embeddings for a whole snapshot with Ray Data, streamed in bounded chunks.
 
-A pool of actors each loads the product encoder once (``ProductEmbedder.__init__``) and embeds
-batches of rows (``__call__``); the result is written as one parquet table
-(product_id, embedding list<float32>, unit norm).
+1. The clean catalog is read ``catalog.chunk_rows`` rows at a time; each chunk's content keys are looked up in
+   the model's embedding store (``backfill/incremental.py``): stored embeddings are written straight to the
+   output, the rows to embed go to a scratch parquet folder.
+2. Ray Data reads that folder, a pool of actors each loads the product encoder once
+   (``ProductEmbedder.__init__``) and embeds batches of rows (``__call__``), and ``write_parquet`` writes the
+   results as files; nothing is collected on the driver (no ``to_pandas``).
+3. Those files are added to the store and to the output, one file at a time.
+
+The output is a partitioned table (``embeddings.parquet/part-*.parquet``: product_id, embedding
+list<float32>, unit norm), one row per product, in no particular order.
 """
 
 from __future__ import annotations
@@ -46,12 +53,16 @@ class ProductEmbedder:
             emb = embeddings_from_pooled(self.encoder, self.builder, batch, self.stem.pooled(self.encoder.image_tower, with_image))[0]
         else:
             emb = embed_products(self.encoder, self.builder, batch, batch_size=len(batch))
-        return pd.DataFrame({"product_id": batch["product_id"].to_numpy(), "embedding": list(emb.astype(np.float32))})
+        out = pd.DataFrame({"product_id": batch["product_id"].astype(str).to_numpy(), "embedding": list(emb.astype(np.float32))})
+        if "key" in batch.columns:  # the content key travels with the row into the embedding store
+            out.insert(1, "key", batch["key"].to_numpy())
+        return out
 
 
-def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame, model_dir: Path, out_path: Path, stem_path: Path | None = None,
-                        store_dir: Path | None = None) -> dict:
-    """Embed the snapshot's products with Ray Data and write ``out_path`` (parquet, snapshot order).
+def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame | str | Path, model_dir: Path, out_path: Path,
+                        stem_path: Path | None = None, store_dir: Path | None = None) -> dict:
+    """Embed the snapshot's products (a frame, or a parquet file / folder of parts read in chunks) with Ray Data
+    into the partitioned table ``out_path``.
 
     ``stem_path``: the run's frozen-stem store (``models/image_stem.py``), when stage 1 left one; photos it
     covers skip the frozen part of the image tower (same function, computed once), others are decoded.
@@ -59,43 +70,97 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame, model_dir: 
     With ``ray.backfill_incremental`` (default), products whose content key is in the model's
     :class:`~dashclip_core.backfill.incremental.EmbeddingStore` (``store_dir``, default
     ``<cache_dir>/embeddings``) are read back instead of embedded, and the new embeddings are added to it.
-    Returns ``n_products``, ``dim``, ``n_embedded`` and ``n_reused``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    Returns ``n_products``, ``dim``, ``n_embedded``, ``n_reused`` and ``n_parts``."""
+    import tempfile
 
     from dashclip_core.backfill.incremental import EmbeddingStore, content_keys, model_digest
     from dashclip_core.storage.images import ImagePolicy
+    from dashclip_core.storage.partitions import PartWriter
 
     policy = ImagePolicy.for_pipeline(cfg)
-    products = products.reset_index(drop=True)
-    store = keys = None
-    reused: dict[str, np.ndarray] = {}
+    store = None
     if cfg.ray.backfill_incremental:
         store = EmbeddingStore(Path(store_dir or cfg.cache_dir() / "embeddings") / model_digest(Path(model_dir)))
-        keys = content_keys(products, policy)
-        reused = store.lookup(keys)
-    todo = [i for i in range(len(products)) if keys is None or keys[i] not in reused]  # rows to embed
-    fresh = _embed_with_ray(cfg, products.iloc[todo], model_dir, stem_path, policy) if todo else {}
-    ids = products["product_id"].astype(str).tolist()
+    scratch_root = cfg.cache_dir() / "backfill"
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    n_products = n_reused = n_embedded = 0
+    dim = cfg.model.embed_dim
+    out = PartWriter(out_path, _embedding_frame([], np.zeros((0, dim), np.float32)))
+    with tempfile.TemporaryDirectory(dir=scratch_root, prefix="run-") as scratch:
+        todo = PartWriter(Path(scratch) / "todo")
+        for chunk in _product_chunks(products, cfg.catalog.chunk_rows):
+            chunk = chunk[COLUMNS].reset_index(drop=True)
+            n_products += len(chunk)
+            keys = content_keys(chunk, policy) if store is not None else [""] * len(chunk)
+            found = store.lookup(keys) if store is not None else {}
+            hit = [i for i, key in enumerate(keys) if key in found]
+            if hit:
+                out.write(_embedding_frame(chunk["product_id"].iloc[hit].astype(str).tolist(), np.stack([found[keys[i]] for i in hit])))
+                n_reused += len(hit)
+            miss = [i for i, key in enumerate(keys) if key not in found]
+            todo.write(chunk.iloc[miss].assign(key=[keys[i] for i in miss]))
+        if todo.n_rows:
+            fresh_dir = Path(scratch) / "fresh"
+            _embed_with_ray(cfg, Path(scratch) / "todo", fresh_dir, model_dir, stem_path, policy)
+            for ids, keys, matrix in _read_fresh(fresh_dir):
+                out.write(_embedding_frame(ids, matrix))
+                if store is not None:
+                    store.add(keys, matrix)
+                n_embedded += len(ids)
+                dim = int(matrix.shape[1])
+    out.close()
     if store is not None:
-        if todo:
-            store.add([keys[i] for i in todo], np.stack([fresh[ids[i]] for i in todo]))
         store.touch()
         store.prune_others(cfg.ray.backfill_keep_models)
-    rows = [reused[keys[i]] if keys is not None and keys[i] in reused else fresh[pid] for i, pid in enumerate(ids)]
-    matrix = np.stack(rows).astype(np.float32) if rows else np.zeros((0, cfg.model.embed_dim), np.float32)
-    table = pa.table({
-        "product_id": pa.array(ids),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1]).cast(pa.list_(pa.float32())),
-    })
-    pq.write_table(table, out_path)
-    logger.info("backfill: %d products, %d embedded, %d reused from the embedding store", len(products), len(todo),
-                len(products) - len(todo))
-    return {"n_products": len(products), "dim": int(matrix.shape[1]), "n_embedded": len(todo), "n_reused": len(products) - len(todo)}
+    if n_embedded + n_reused != n_products:
+        raise RuntimeError(f"backfill: {n_products} products in, {n_embedded} embedded + {n_reused} reused out")
+    logger.info("backfill: %d products, %d embedded, %d reused from the embedding store, %d parts", n_products, n_embedded,
+                n_reused, out.n_parts)
+    return {"n_products": n_products, "dim": dim, "n_embedded": n_embedded, "n_reused": n_reused, "n_parts": out.n_parts}
 
 
-def _embed_with_ray(cfg: PipelineConfig, products: pd.DataFrame, model_dir: Path, stem_path: Path | None, policy) -> dict[str, np.ndarray]:
-    """product_id -> embedding for ``products``, by a Ray Data actor pool (one encoder per actor)."""
+def _product_chunks(products, chunk_rows: int):
+    from dashclip_core.storage.partitions import iter_frames
+
+    if isinstance(products, pd.DataFrame):
+        for start in range(0, max(len(products), 1), chunk_rows):
+            yield products.iloc[start:start + chunk_rows]
+    else:
+        yield from iter_frames(products, chunk_rows, columns=COLUMNS)
+
+
+def _embedding_frame(ids: list[str], matrix: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"product_id": pd.Series(ids, dtype=object),
+                         "embedding": pd.Series(list(np.asarray(matrix, np.float32)), dtype=object)})
+
+
+def _read_fresh(folder: Path):
+    """(ids, keys, matrix) per file Ray Data wrote, one file at a time."""
+    import pyarrow.parquet as pq
+
+    for file in sorted(folder.glob("*.parquet")):
+        table = pq.read_table(file)
+        if table.num_rows == 0:
+            continue
+        yield (table["product_id"].to_pylist(), table["key"].to_pylist(), _matrix(table["embedding"]))
+
+
+def _matrix(column) -> np.ndarray:
+    """(N, D) float32 from an Arrow list<float32> column, without a Python object per row."""
+    import pyarrow as pa
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column.type, pa.ExtensionType):  # Ray Data writes numpy cells as its tensor extension type
+        column = column.storage
+    if len(column) == 0:
+        return np.zeros((0, 0), np.float32)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return values.reshape(len(column), -1)
+
+
+def _embed_with_ray(cfg: PipelineConfig, todo_dir: Path, fresh_dir: Path, model_dir: Path, stem_path: Path | None, policy) -> None:
+    """Ray Data: read ``todo_dir`` -> actor pool (one encoder per actor) -> ``write_parquet(fresh_dir)``
+    (product_id, key, embedding); nothing comes back to the driver."""
     import ray.data
 
     from dashclip_core.training.ray_launcher import ensure_ray
@@ -103,8 +168,8 @@ def _embed_with_ray(cfg: PipelineConfig, products: pd.DataFrame, model_dir: Path
     ensure_ray(cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ds = ray.data.from_pandas(products[COLUMNS].reset_index(drop=True))
-    out = ds.map_batches(
+    ds = ray.data.read_parquet(str(todo_dir))
+    ds.map_batches(
         ProductEmbedder,
         fn_constructor_kwargs={"model_dir": str(model_dir), "stem_path": str(stem_path) if stem_path else "",
                                "image_policy": policy},
@@ -112,12 +177,12 @@ def _embed_with_ray(cfg: PipelineConfig, products: pd.DataFrame, model_dir: Path
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=cfg.ray.backfill_actors),
         num_cpus=1,
-    ).to_pandas()
-    return {str(p): np.asarray(e, np.float32) for p, e in zip(out["product_id"], out["embedding"])}
+    ).write_parquet(str(fresh_dir))
 
 
 def read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:
-    """(product_ids, (N, D) float32) from an embeddings parquet."""
-    df = pd.read_parquet(path)
-    matrix = np.stack([np.asarray(e, np.float32) for e in df["embedding"]]) if len(df) else np.zeros((0, 0), np.float32)
-    return df["product_id"].astype(str).tolist(), matrix
+    """(product_ids, (N, D) float32) from an embeddings table (a parquet file or a folder of parts)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["product_id", "embedding"])
+    return [str(p) for p in table["product_id"].to_pylist()], _matrix(table["embedding"])

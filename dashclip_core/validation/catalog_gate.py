@@ -45,8 +45,10 @@ from dashclip_core.layout import CatalogGate
 from dashclip_core.storage.images import ImagePolicy, ImageRejected, PixelBudget, check_image
 from dashclip_core.validation.expectations import (
     BLANK,
+    SAMPLE_SIZE,
     failing_summary,
     run_expectations,
+    to_jsonable,
     write_data_docs,
     write_report,
 )
@@ -90,6 +92,8 @@ def validate_catalog(
     cfg: ValidationConfig,
     images: ImagePolicy | None = None,
     max_workers: int = 8,
+    duplicate_ids: set | None = None,
+    row_offset: int = 0,
 ) -> CatalogGateResult:
     """Validate a catalog snapshot and split it into clean and quarantined rows.
 
@@ -102,6 +106,9 @@ def validate_catalog(
             library use on trusted frames). ``s3://`` URIs are read with boto3.
         max_workers: threads used to read and decode images (reads from S3 are I/O bound); at most
             ``2 * images.max_pixels`` pixels decode at once, whatever the thread count.
+        duplicate_ids: the ids that occur more than once in the *whole* snapshot, when ``products`` is one
+            partition of it (:func:`validate_catalog_parts`); default: the duplicates within ``products``.
+        row_offset: position of ``products``' first row in the snapshot (the quarantine's ``row``).
 
     Returns:
         A :class:`CatalogGateResult`.
@@ -134,6 +141,12 @@ def validate_catalog(
     titles = products["title"].astype(object).where(products["title"].notna(), None)
     has_title = titles.map(lambda t: isinstance(t, str) and t.strip() != "")
     image_readable = pd.Series([None if uris[i] is None else i not in image_error for i in range(n_rows)], dtype=object)
+    present = products.loc[products["product_id"].notna(), "product_id"]
+    if duplicate_ids is None:
+        counts = present.value_counts()
+        duplicate_ids = set(counts.index[counts > 1])
+    # Uniqueness is a property of the whole snapshot: this batch's rows whose id is duplicated anywhere fail.
+    duplicated_here = sorted({to_jsonable(v) for v in present[present.isin(duplicate_ids)]}, key=str)
     frame = pd.DataFrame(
         {
             "product_id": products["product_id"],
@@ -151,7 +164,9 @@ def validate_catalog(
             gxe.ExpectColumnValuesToNotMatchRegex(
                 column="product_id", regex=BLANK, meta={"check": "product_id_not_blank"}
             ),
-            gxe.ExpectColumnValuesToBeUnique(column="product_id", meta={"check": "product_id_unique"}),
+            gxe.ExpectColumnValuesToNotBeInSet(column="product_id", value_set=duplicated_here, meta={"check": "product_id_unique"},
+                                               description="product_id_unique: product_id occurs once in the snapshot "
+                                                           "(not among the ids it holds more than once)"),
             gxe.ExpectColumnValuesToNotMatchRegex(column="title", regex=BLANK, meta={"check": "title_not_blank"}),
             gxe.ExpectColumnValuesToNotBeNull(column="category", meta={"check": "category_not_null"}),
             gxe.ExpectColumnValuesToNotMatchRegex(column="category", regex=BLANK, meta={"check": "category_not_blank"}),
@@ -191,7 +206,7 @@ def validate_catalog(
     quarantine = pd.DataFrame(
         {
             "product_id": pd.Series([ids[i] for i in bad_rows], dtype=object),
-            "row": pd.Series(bad_rows, dtype="int64"),
+            "row": pd.Series([row_offset + i for i in bad_rows], dtype="int64"),
             "reason": pd.Series(["; ".join(reasons[i]) for i in bad_rows], dtype=object),
         },
         columns=list(QUARANTINE_COLUMNS),
@@ -248,3 +263,111 @@ def write_gate_outputs(result: CatalogGateResult, out_dir: str | os.PathLike) ->
     quarantine.to_parquet(files.quarantine, index=False)
     write_data_docs(result.validation_results, out)  # data_docs/: GX's own pages of this validation
     return write_report(result.passed, result.summary, out)
+
+
+MAX_DATA_DOCS_PARTITIONS = 20  # validation pages kept in Data Docs: every failing partition first, then passing ones, up to this many
+
+
+@dataclass
+class PartitionedGateResult:
+    """Outcome of :func:`validate_catalog_parts`: the combined verdict and figures of every partition's GX run;
+    the clean and quarantined rows are already written (partitioned) to the gate's folder.
+
+    Attributes:
+        passed, summary: as :class:`CatalogGateResult`, over the whole snapshot (counts summed, failing
+            expectations merged: counts summed, sample ids of the first partitions that failed).
+        clean_ids: ``product_id`` of every clean row (ids only: the human label gate joins on them).
+        all_ids: ``product_id`` of every snapshot row.
+        validation_results: the GX results rendered as Data Docs (at most :data:`MAX_DATA_DOCS_PARTITIONS`).
+    """
+
+    passed: bool
+    summary: dict[str, Any]
+    clean_ids: pd.Series
+    all_ids: pd.Series
+    n_partitions: int
+    validation_results: list[Any] = field(default_factory=list)
+
+    @property
+    def n_clean(self) -> int:
+        return self.summary["n_clean"]
+
+    @property
+    def n_quarantined(self) -> int:
+        return self.summary["n_bad"]
+
+
+def validate_catalog_parts(products_path: str | os.PathLike, cfg: ValidationConfig, out_dir: str | os.PathLike,
+                           chunk_rows: int, images: ImagePolicy | None = None,
+                           on_partition: Callable[[int, int], None] | None = None) -> PartitionedGateResult:
+    """The catalog gate over a partitioned snapshot, one bounded batch at a time.
+
+    Reads ``products_path`` (a folder of parts or one file) in batches of ``chunk_rows`` rows, runs
+    :func:`validate_catalog` (one Great Expectations validation) on each, and appends each batch's clean and
+    quarantined rows as parts of ``clean.parquet/`` and ``quarantine.parquet/`` in ``out_dir``. Uniqueness is
+    checked across the whole snapshot: the ``product_id`` column is read first (ids only) and every id that
+    occurs twice anywhere is quarantined wherever it occurs. ``report.json`` holds the combined verdict; the
+    Data Docs site is left to the caller (it adds the human label suite to the same site).
+    ``on_partition(index, rows)`` is called before each batch is validated (progress; tests count batches).
+    """
+    from dashclip_core.storage.partitions import PartWriter, iter_frames, read_column
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = CatalogGate(out)
+    # (a snapshot without the column gets validate_catalog's error naming it, below)
+    all_ids = read_column(products_path, "product_id") if "product_id" in _columns(products_path) else pd.Series([], dtype=object)
+    present = all_ids[all_ids.notna()]
+    counts = present.value_counts()
+    duplicates = set(counts.index[counts > 1])
+    totals = {"n_rows": 0, "n_bad": 0, "n_clean": 0, "n_images_checked": 0, "n_images_unreadable": 0}
+    by_code: dict[str, int] = {}
+    failing: dict[tuple, dict[str, Any]] = {}
+    failed_results, passed_results = [], []
+    clean_ids: list[pd.Series] = []
+    offset = 0
+    n_partitions = 0
+    empty_quarantine = pd.DataFrame({"product_id": pd.Series(dtype="string"), "row": pd.Series(dtype="int64"),
+                                     "reason": pd.Series(dtype="string")})
+    with PartWriter(files.clean) as clean_writer, PartWriter(files.quarantine, empty_quarantine) as quarantine_writer:
+        for batch in iter_frames(products_path, chunk_rows):
+            if on_partition is not None:
+                on_partition(n_partitions, len(batch))
+            part = validate_catalog(batch, cfg, images=images, duplicate_ids=duplicates, row_offset=offset)
+            n_partitions += 1
+            offset += len(batch)
+            clean_writer.write(part.clean)
+            quarantine_writer.write(part.quarantine.astype({"product_id": "string", "row": "int64", "reason": "string"}))
+            clean_ids.append(part.clean["product_id"])
+            for key in totals:
+                totals[key] += part.summary[key]
+            for code, n in part.summary["n_images_rejected_by_reason"].items():
+                by_code[code] = by_code.get(code, 0) + n
+            for f in part.summary["failing_expectations"]:
+                merged = failing.setdefault((f["check"], f["column"]), {**f, "unexpected_count": 0, "sample_ids": []})
+                merged["unexpected_count"] += f["unexpected_count"] or 0
+                merged["sample_ids"] = (merged["sample_ids"] + [i for i in f["sample_ids"] if i not in merged["sample_ids"]])[:SAMPLE_SIZE]
+            (failed_results if part.summary["failing_expectations"] else passed_results).extend(part.validation_results)
+    bad_fraction = totals["n_bad"] / totals["n_rows"] if totals["n_rows"] else 0.0
+    passed = bad_fraction <= cfg.max_bad_product_fraction and totals["n_clean"] >= cfg.min_products
+    summary = {**totals, "bad_fraction": bad_fraction, "max_bad_product_fraction": cfg.max_bad_product_fraction,
+               "min_products": cfg.min_products, "n_images_rejected_by_reason": dict(sorted(by_code.items())),
+               "failing_expectations": list(failing.values()), "n_partitions": n_partitions, "chunk_rows": chunk_rows}
+    write_report(passed, summary, out)
+    log = logger.info if passed else logger.warning
+    log("catalog gate %s: %d rows in %d partitions, %d quarantined (max fraction %s), %d clean (min %d)",
+        "passed" if passed else "failed", totals["n_rows"], n_partitions, totals["n_bad"], cfg.max_bad_product_fraction,
+        totals["n_clean"], cfg.min_products)
+    shown = (failed_results + passed_results)[:MAX_DATA_DOCS_PARTITIONS]
+    return PartitionedGateResult(passed=passed, summary=summary,
+                                 clean_ids=pd.concat(clean_ids, ignore_index=True) if clean_ids else pd.Series([], dtype=object),
+                                 all_ids=all_ids, n_partitions=n_partitions, validation_results=shown)
+
+
+def _columns(path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    from dashclip_core.storage.partitions import part_files
+
+    parts = part_files(path)
+    return pq.ParquetFile(parts[0]).schema_arrow.names if parts else []

@@ -44,9 +44,10 @@ def tiny_run(tiny_config, tmp_path_factory) -> TinyRun:
     run_dir = root / "dashclip_nightly" / "run-1"
     for step in ("extract_catalog", "validate_catalog", "label_pairs", "train_stage1", "train_stage2"):
         (run_dir / step).mkdir(parents=True)
+    (run_dir / "validate_catalog" / "clean.parquet").mkdir()  # a partitioned table, as the gate writes it
     extract_snapshot(cfg, f"sqlite:///{db}", run_dir / "extract_catalog")
     products = pd.read_parquet(run_dir / "extract_catalog" / "products.parquet")
-    products.to_parquet(run_dir / "validate_catalog" / "clean.parquet", index=False)
+    products.to_parquet(run_dir / "validate_catalog" / "clean.parquet" / "part-00000.parquet", index=False)
     human = pd.read_parquet(run_dir / "extract_catalog" / "human_labels.parquet")
     labels = combine_labels(human, human.iloc[:0])
     labels.to_parquet(run_dir / "label_pairs" / "labels.parquet", index=False)

@@ -23,7 +23,7 @@ def test_extract_and_gate_write_run_scoped_outputs_to_s3(s3_endpoint, tiny_confi
 
     keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="dashclip-runs")["Contents"]}
     prefix = snap["uri"][len("s3://dashclip-runs/"):]
-    assert {f"{prefix}/products.parquet", f"{prefix}/_SUCCESS", f"{prefix}/summary.json"} <= keys
+    assert {f"{prefix}/products.parquet/part-00000.parquet", f"{prefix}/_SUCCESS", f"{prefix}/summary.json"} <= keys
     # A retry with the same run id reads the published output instead of redoing the work.
     again = steps.extract_catalog(params=params, run_id="manual__s3:1")
     assert again == snap
@@ -48,7 +48,7 @@ def test_published_step_marker_is_a_manifest_of_its_objects(s3_endpoint, tiny_co
     prefix = snap["uri"][len("s3://dashclip-manifest-task/"):]
     manifest = parse_manifest(s3.get_object(Bucket="dashclip-manifest-task", Key=f"{prefix}/_SUCCESS")["Body"].read().decode(), prefix)
     objects = {o["Key"][len(prefix) + 1:]: o for o in s3.list_objects_v2(Bucket="dashclip-manifest-task", Prefix=prefix + "/")["Contents"]}
-    assert set(manifest["files"]) == set(objects) - {"_SUCCESS"} >= {"products.parquet", "summary.json"}
+    assert set(manifest["files"]) == set(objects) - {"_SUCCESS"} >= {"products.parquet/part-00000.parquet", "summary.json"}
     for rel, meta in manifest["files"].items():
         body = s3.get_object(Bucket="dashclip-manifest-task", Key=f"{prefix}/{rel}")["Body"].read()
         assert meta == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
