@@ -159,6 +159,7 @@ class LossConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     stage1_epochs: int = 3
+    stage1_samples_per_epoch: int = 0  # 0 = every image-text pair per epoch; >0 = a fresh seeded draw of this many pairs per epoch (large catalogs)
     stage2_epochs: int = 4
     stage1_batch_size: int = 32  # global batch; per-worker = global // num_workers
     stage2_batch_size: int = 64

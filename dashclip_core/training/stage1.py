@@ -61,13 +61,17 @@ def trainable_products(products: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFr
     return products[~products["product_id"].astype(str).str.match(cfg.train.holdout_product_regex)]
 
 
-def shard_steps(n_rows: int, global_batch: int, world_size: int, rank: int, seed: int, epoch: int) -> list[np.ndarray]:
+def shard_steps(n_rows: int, global_batch: int, world_size: int, rank: int, seed: int, epoch: int,
+                samples: int = 0) -> list[np.ndarray]:
     """Row indices for each step of this worker: a seeded shuffle per epoch, cut into global batches,
     each global batch split into ``world_size`` equal slices. The last partial batch is dropped so every
-    worker runs the same number of steps (DDP needs matching collectives)."""
+    worker runs the same number of steps (DDP needs matching collectives). ``samples`` > 0 makes an epoch
+    the first ``samples`` rows of that shuffle (a large catalog: each epoch a fresh draw of the same size)."""
     per_worker = per_worker_batch_size(global_batch, world_size)
     order = np.random.default_rng(seed + epoch).permutation(n_rows)
-    steps = n_rows // (per_worker * world_size)
+    if samples > 0:
+        order = order[:samples]
+    steps = len(order) // (per_worker * world_size)
     return [order[s * per_worker * world_size + rank * per_worker :][:per_worker] for s in range(steps)]
 
 
@@ -231,7 +235,8 @@ def stage1_worker(config: dict) -> None:
         aug = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, rank, epoch, 2))
         model.train()
         meter = EpochMeter(mlflow_log, cfg.train.stage1_batch_size)
-        steps = shard_steps(len(pairs), cfg.train.stage1_batch_size, world, rank, cfg.train.seed, epoch)
+        steps = shard_steps(len(pairs), cfg.train.stage1_batch_size, world, rank, cfg.train.seed, epoch,
+                            samples=cfg.train.stage1_samples_per_epoch)
         for i, idx in enumerate(steps):
             # ALBEF ramps the distillation weight up over the first epoch, while the momentum encoder is still poor.
             alpha = cfg.loss.distill_alpha * (min(1.0, (i + 1) / len(steps)) if epoch == 0 else 1.0)

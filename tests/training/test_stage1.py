@@ -61,6 +61,14 @@ def test_shards_are_disjoint_equal_and_within_range(n, batch, world, epoch):
     assert len(seen) == len(set(seen.tolist())) and (seen < n).all()
 
 
+def test_an_epoch_of_a_configured_sample_size_draws_that_many_rows_afresh_each_epoch():
+    first = np.concatenate(shard_steps(10_000, 16, 1, 0, seed=0, epoch=0, samples=160))
+    second = np.concatenate(shard_steps(10_000, 16, 1, 0, seed=0, epoch=1, samples=160))
+    assert len(first) == len(second) == 160 and len(set(first.tolist())) == 160
+    assert set(first.tolist()) != set(second.tolist())  # another draw of the large catalog, not the same 160 rows
+    assert len(shard_steps(100, 16, 2, 1, seed=0, epoch=0, samples=1000)) == 100 // 16  # capped by the catalog
+
+
 def test_stage1_pairs_groups_identical_text():
     products = pd.DataFrame({
         "product_id": ["a", "b", "c", "d"], "title": ["Oat milk", "oat milk", "Bread", None],
