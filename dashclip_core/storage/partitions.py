@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pandas as pd
 
@@ -124,7 +125,7 @@ class PartWriter:
             self.n_parts = 1
         return self.n_rows
 
-    def __enter__(self) -> PartWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

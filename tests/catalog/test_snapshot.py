@@ -9,7 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dashclip_core.catalog.snapshot import extract_snapshot, iter_table, read_catalog, resolve_image_uris, sample_products
+from dashclip_core.catalog.snapshot import (
+    extract_snapshot,
+    iter_table,
+    read_catalog,
+    resolve_image_uris,
+    sample_products,
+)
 from dashclip_core.config import PipelineConfig
 from dashclip_core.layout import CatalogGate, Snapshot
 from dashclip_core.storage.partitions import PartWriter, count_rows, iter_frames, part_files
@@ -60,7 +66,7 @@ def test_the_snapshot_streams_sql_into_parts_of_at_most_one_chunk(chunked_cfg, d
 def test_a_streamed_sample_keeps_the_same_products_as_the_in_memory_sample(chunked_cfg, tmp_path):
     cfg = chunked_cfg.with_overrides(**{"catalog.sample_size": 100})
     extract_snapshot(cfg, cfg.catalog.db_url, tmp_path)
-    products, log, labels = read_catalog(cfg.catalog.db_url)
+    products = read_catalog(cfg.catalog.db_url)[0]
     expected = sample_products(products, 100, cfg.catalog.seed)
     snap = Snapshot(tmp_path)
     assert pd.read_parquet(snap.products)["product_id"].tolist() == expected["product_id"].tolist()
