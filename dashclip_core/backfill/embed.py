@@ -3,10 +3,12 @@
 1. The clean catalog is read ``catalog.chunk_rows`` rows at a time; each chunk's content keys are looked up in
    the model's embedding store (``backfill/incremental.py``): stored embeddings are written straight to the
    output, the rows to embed go to a scratch parquet folder.
-2. Ray Data reads that folder, a pool of actors each loads the product encoder once
-   (``ProductEmbedder.__init__``) and embeds batches of rows (``__call__``), and ``write_parquet`` writes the
-   results as files; nothing is collected on the driver (no ``to_pandas``).
-3. Those files are added to the store and to the output, one file at a time.
+2. Those rows go through a Ray Data actor pool: each actor loads the product encoder once
+   (``ProductEmbedder.__init__``) and embeds batches of rows (``__call__``). This stage still collects the rows
+   to embed on the driver (``from_pandas`` / ``to_pandas``): the streaming ``read_parquet`` -> ``write_parquet``
+   version hung when the pool took every CPU (see ``_embed_with_ray``). With an unchanged model a nightly run
+   embeds only new and changed products, so this is the changed share of the catalog, not all of it.
+3. The results are added to the store and to the output.
 
 The output is a partitioned table (``embeddings.parquet/part-*.parquet``: product_id, embedding
 list<float32>, unit norm), one row per product, in no particular order.
@@ -159,8 +161,8 @@ def _matrix(column) -> np.ndarray:
 
 
 def _embed_with_ray(cfg: PipelineConfig, todo_dir: Path, fresh_dir: Path, model_dir: Path, stem_path: Path | None, policy) -> None:
-    """Ray Data: read ``todo_dir`` -> actor pool (one encoder per actor) -> ``write_parquet(fresh_dir)``
-    (product_id, key, embedding); nothing comes back to the driver."""
+    """Ray Data: the rows of ``todo_dir`` -> actor pool (one encoder per actor) -> ``fresh_dir`` (product_id, key,
+    embedding)."""
     import ray.data
 
     from dashclip_core.training.ray_launcher import ensure_ray
@@ -168,8 +170,13 @@ def _embed_with_ray(cfg: PipelineConfig, todo_dir: Path, fresh_dir: Path, model_
     ensure_ray(cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ds = ray.data.read_parquet(str(todo_dir))
-    ds.map_batches(
+    # from_pandas + to_pandas on the driver: with read_parquet -> actor pool -> write_parquet, a pool as large as
+    # the cluster (ray.backfill_actors == ray.num_cpus, the demo's 2 of 2) hung in Ray 2.60 even with num_cpus=0
+    # on the read and write (found by `make run`; streaming this stage is open in issue 12).
+    import pyarrow.parquet as pq
+
+    todo = pq.read_table(str(todo_dir)).to_pandas()
+    out = ray.data.from_pandas(todo).map_batches(
         ProductEmbedder,
         fn_constructor_kwargs={"model_dir": str(model_dir), "stem_path": str(stem_path) if stem_path else "",
                                "image_policy": policy},
@@ -177,7 +184,10 @@ def _embed_with_ray(cfg: PipelineConfig, todo_dir: Path, fresh_dir: Path, model_
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=cfg.ray.backfill_actors),
         num_cpus=1,
-    ).write_parquet(str(fresh_dir))
+    ).to_pandas()
+    fresh_dir.mkdir(parents=True, exist_ok=True)
+    _embedding_frame(out["product_id"].astype(str).tolist(), np.stack(out["embedding"].to_numpy()) if len(out) else
+                     np.zeros((0, 0), np.float32)).assign(key=out["key"].tolist()).to_parquet(fresh_dir / "fresh.parquet", index=False)
 
 
 def read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:

@@ -22,8 +22,8 @@ def setup(tmp_path_factory, tiny_config):
     tmp = tmp_path_factory.mktemp("incremental")
     db = generate_demo_catalog(tmp / "cat", num_products=30, seed=4)
     cfg = PipelineConfig.from_file(tiny_config).with_overrides(**{
-        "catalog.image_roots": (str(tmp / "cat"),), "ray.backfill_actors": 1, "ray.backfill_batch_size": 8,
-        "catalog.chunk_rows": 8})  # 30 products: the backfill reads and looks up 4 chunks
+        "catalog.image_roots": (str(tmp / "cat"),), "ray.backfill_actors": 2, "ray.backfill_batch_size": 8,
+        "catalog.chunk_rows": 8, "ray.num_cpus": 2})  # as many actors as CPUs (the read/write must not starve); 30 products: the backfill reads and looks up 4 chunks
     (tmp / "snap").mkdir()
     extract_snapshot(cfg, f"sqlite:///{db}", tmp / "snap")
     products = pd.read_parquet(tmp / "snap" / "products.parquet")
