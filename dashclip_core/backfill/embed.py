@@ -102,14 +102,11 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame | str | Path
             miss = [i for i, key in enumerate(keys) if key not in found]
             todo.write(chunk.iloc[miss].assign(key=[keys[i] for i in miss]))
         if todo.n_rows:
-            fresh_dir = Path(scratch) / "fresh"
-            _embed_with_ray(cfg, Path(scratch) / "todo", fresh_dir, model_dir, stem_path, policy)
-            for ids, keys, matrix in _read_fresh(fresh_dir):
-                out.write(_embedding_frame(ids, matrix))
-                if store is not None:
-                    store.add(keys, matrix)
-                n_embedded += len(ids)
-                dim = int(matrix.shape[1])
+            ids, keys, matrix = _embed_with_ray(cfg, Path(scratch) / "todo", model_dir, stem_path, policy)
+            out.write(_embedding_frame(ids, matrix))
+            if store is not None:
+                store.add(keys, matrix)
+            n_embedded, dim = len(ids), int(matrix.shape[1])
     out.close()
     if store is not None:
         store.touch()
@@ -136,33 +133,21 @@ def _embedding_frame(ids: list[str], matrix: np.ndarray) -> pd.DataFrame:
                          "embedding": pd.Series(list(np.asarray(matrix, np.float32)), dtype=object)})
 
 
-def _read_fresh(folder: Path):
-    """(ids, keys, matrix) per file Ray Data wrote, one file at a time."""
-    import pyarrow.parquet as pq
-
-    for file in sorted(folder.glob("*.parquet")):
-        table = pq.read_table(file)
-        if table.num_rows == 0:
-            continue
-        yield (table["product_id"].to_pylist(), table["key"].to_pylist(), _matrix(table["embedding"]))
-
-
 def _matrix(column) -> np.ndarray:
     """(N, D) float32 from an Arrow list<float32> column, without a Python object per row."""
     import pyarrow as pa
 
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if isinstance(column.type, pa.ExtensionType):  # Ray Data writes numpy cells as its tensor extension type
-        column = column.storage
     if len(column) == 0:
         return np.zeros((0, 0), np.float32)
     values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return values.reshape(len(column), -1)
 
 
-def _embed_with_ray(cfg: PipelineConfig, todo_dir: Path, fresh_dir: Path, model_dir: Path, stem_path: Path | None, policy) -> None:
-    """Ray Data: the rows of ``todo_dir`` -> actor pool (one encoder per actor) -> ``fresh_dir`` (product_id, key,
-    embedding)."""
+def _embed_with_ray(cfg: PipelineConfig, todo_dir: Path, model_dir: Path, stem_path: Path | None, policy
+                    ) -> tuple[list[str], list[str], np.ndarray]:
+    """(ids, content keys, (N, D) embeddings) of the rows in ``todo_dir``, by a Ray Data actor pool (one encoder per actor)."""
+    import pyarrow.parquet as pq
     import ray.data
 
     from dashclip_core.training.ray_launcher import ensure_ray
@@ -173,10 +158,7 @@ def _embed_with_ray(cfg: PipelineConfig, todo_dir: Path, fresh_dir: Path, model_
     # from_pandas + to_pandas on the driver: with read_parquet -> actor pool -> write_parquet, a pool as large as
     # the cluster (ray.backfill_actors == ray.num_cpus, the demo's 2 of 2) hung in Ray 2.60 even with num_cpus=0
     # on the read and write (found by `make run`; streaming this stage is open in issue 12).
-    import pyarrow.parquet as pq
-
-    todo = pq.read_table(str(todo_dir)).to_pandas()
-    out = ray.data.from_pandas(todo).map_batches(
+    out = ray.data.from_pandas(pq.read_table(str(todo_dir)).to_pandas()).map_batches(
         ProductEmbedder,
         fn_constructor_kwargs={"model_dir": str(model_dir), "stem_path": str(stem_path) if stem_path else "",
                                "image_policy": policy},
@@ -185,9 +167,7 @@ def _embed_with_ray(cfg: PipelineConfig, todo_dir: Path, fresh_dir: Path, model_
         compute=ray.data.ActorPoolStrategy(size=cfg.ray.backfill_actors),
         num_cpus=1,
     ).to_pandas()
-    fresh_dir.mkdir(parents=True, exist_ok=True)
-    _embedding_frame(out["product_id"].astype(str).tolist(), np.stack(out["embedding"].to_numpy()) if len(out) else
-                     np.zeros((0, 0), np.float32)).assign(key=out["key"].tolist()).to_parquet(fresh_dir / "fresh.parquet", index=False)
+    return out["product_id"].astype(str).tolist(), out["key"].tolist(), np.stack(out["embedding"].to_numpy()).astype(np.float32)
 
 
 def read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:
