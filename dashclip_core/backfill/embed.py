@@ -3,12 +3,12 @@
 1. The clean catalog is read ``catalog.chunk_rows`` rows at a time; each chunk's content keys are looked up in
    the model's embedding store (``backfill/incremental.py``): stored embeddings are written straight to the
    output, the rows to embed go to a scratch parquet folder.
-2. Those rows go through a Ray Data actor pool: each actor loads the product encoder once
-   (``ProductEmbedder.__init__``) and embeds batches of rows (``__call__``). This stage still collects the rows
-   to embed on the driver (``from_pandas`` / ``to_pandas``): the streaming ``read_parquet`` -> ``write_parquet``
-   version hung when the pool took every CPU (see ``_embed_with_ray``). With an unchanged model a nightly run
-   embeds only new and changed products, so this is the changed share of the catalog, not all of it.
-3. The results are added to the store and to the output.
+2. Those rows stream through a Ray Data actor pool: read tasks load the scratch parts, each actor loads the
+   product encoder once (``ProductEmbedder.__init__``) and embeds batches of rows (``__call__``), fetching and
+   decoding their photos (local, ``s3://``, ``http(s)://``) inside the actor. The driver consumes the stream in
+   batches of at most ``catalog.chunk_rows`` rows (``iter_batches``; nothing is collected whole), so with an
+   unchanged model a nightly run embeds only new and changed products, in bounded memory.
+3. Each streamed batch is written as one output part and one embedding-store part.
 
 The output is a partitioned table (``embeddings.parquet/part-*.parquet``: product_id, embedding
 list<float32>, unit norm), one row per product, in no particular order.
@@ -45,7 +45,9 @@ class ProductEmbedder:
         # The run's frozen image stem (stage 1 computed it for every photo): covered photos run the tail only.
         self.stem = StemStore.open(Path(stem_path), self.encoder.cfg) if stem_path else None
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, batch: pd.DataFrame):
+        import pyarrow as pa
+
         from dashclip_core.models.image_stem import embeddings_from_pooled
         from dashclip_core.models.inputs import embed_products
 
@@ -55,10 +57,13 @@ class ProductEmbedder:
             emb = embeddings_from_pooled(self.encoder, self.builder, batch, self.stem.pooled(self.encoder.image_tower, with_image))[0]
         else:
             emb = embed_products(self.encoder, self.builder, batch, batch_size=len(batch))
-        out = pd.DataFrame({"product_id": batch["product_id"].astype(str).to_numpy(), "embedding": list(emb.astype(np.float32))})
+        # An Arrow table with a list<float32> column: a frame of numpy rows would become Ray's tensor extension type.
+        emb = np.ascontiguousarray(emb, np.float32)
+        columns = {"product_id": pa.array(batch["product_id"].astype(str).tolist(), pa.string())}
         if "key" in batch.columns:  # the content key travels with the row into the embedding store
-            out.insert(1, "key", batch["key"].to_numpy())
-        return out
+            columns["key"] = pa.array(batch["key"].tolist(), pa.string())
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]).cast(pa.list_(pa.float32()))
+        return pa.table(columns)
 
 
 def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame | str | Path, model_dir: Path, out_path: Path,
@@ -77,7 +82,7 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame | str | Path
 
     from dashclip_core.backfill.incremental import EmbeddingStore, content_keys, model_digest
     from dashclip_core.storage.images import ImagePolicy
-    from dashclip_core.storage.partitions import PartWriter
+    from dashclip_core.storage.partitions import PartWriter, part_files
 
     policy = ImagePolicy.for_pipeline(cfg)
     store = None
@@ -102,11 +107,12 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame | str | Path
             miss = [i for i, key in enumerate(keys) if key not in found]
             todo.write(chunk.iloc[miss].assign(key=[keys[i] for i in miss]))
         if todo.n_rows:
-            ids, keys, matrix = _embed_with_ray(cfg, Path(scratch) / "todo", model_dir, stem_path, policy)
-            out.write(_embedding_frame(ids, matrix))
-            if store is not None:
-                store.add(keys, matrix)
-            n_embedded, dim = len(ids), int(matrix.shape[1])
+            todo.close()
+            for ids, keys, matrix in _embed_with_ray(cfg, part_files(Path(scratch) / "todo"), model_dir, stem_path, policy):
+                out.write(_embedding_frame(ids, matrix))
+                if store is not None:
+                    store.add(keys, matrix)
+                n_embedded, dim = n_embedded + len(ids), int(matrix.shape[1])
     out.close()
     if store is not None:
         store.touch()
@@ -144,10 +150,10 @@ def _matrix(column) -> np.ndarray:
     return values.reshape(len(column), -1)
 
 
-def _embed_with_ray(cfg: PipelineConfig, todo_dir: Path, model_dir: Path, stem_path: Path | None, policy
-                    ) -> tuple[list[str], list[str], np.ndarray]:
-    """(ids, content keys, (N, D) embeddings) of the rows in ``todo_dir``, by a Ray Data actor pool (one encoder per actor)."""
-    import pyarrow.parquet as pq
+def _embed_with_ray(cfg: PipelineConfig, parts: list[Path], model_dir: Path, stem_path: Path | None, policy):
+    """Yields (ids, content keys, (n, D) embeddings) for the rows of the parquet ``parts``, at most
+    ``catalog.chunk_rows`` rows at a time, streamed through a Ray Data actor pool (one encoder per actor)."""
+    import pyarrow as pa
     import ray.data
 
     from dashclip_core.training.ray_launcher import ensure_ray
@@ -155,10 +161,12 @@ def _embed_with_ray(cfg: PipelineConfig, todo_dir: Path, model_dir: Path, stem_p
     ensure_ray(cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    # from_pandas + to_pandas on the driver: with read_parquet -> actor pool -> write_parquet, a pool as large as
-    # the cluster (ray.backfill_actors == ray.num_cpus, the demo's 2 of 2) hung in Ray 2.60 even with num_cpus=0
-    # on the read and write (found by `make run`; streaming this stage is open in issue 12).
-    out = ray.data.from_pandas(pq.read_table(str(todo_dir)).to_pandas()).map_batches(
+    # The parts are read by our own zero-CPU tasks rather than ray.data.read_parquet: its file-listing task needs a
+    # whole CPU, and a pool holding every CPU (ray.backfill_actors == ray.num_cpus, the demo's 2 of 2) leaves it
+    # none, so the dataset never starts (ray-project/ray#44687). Reading a part is I/O, not compute.
+    rows = ray.data.from_items([{"path": str(p)} for p in parts], override_num_blocks=max(len(parts), 1)).map_batches(
+        _read_parts, batch_size=1, batch_format="pyarrow", num_cpus=0)
+    embedded = rows.map_batches(
         ProductEmbedder,
         fn_constructor_kwargs={"model_dir": str(model_dir), "stem_path": str(stem_path) if stem_path else "",
                                "image_policy": policy},
@@ -166,8 +174,18 @@ def _embed_with_ray(cfg: PipelineConfig, todo_dir: Path, model_dir: Path, stem_p
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=cfg.ray.backfill_actors),
         num_cpus=1,
-    ).to_pandas()
-    return out["product_id"].astype(str).tolist(), out["key"].tolist(), np.stack(out["embedding"].to_numpy()).astype(np.float32)
+    )
+    for batch in embedded.iter_batches(batch_size=cfg.catalog.chunk_rows, batch_format="pyarrow"):
+        batch = pa.table(batch) if not isinstance(batch, pa.Table) else batch
+        yield ([str(p) for p in batch["product_id"].to_pylist()], batch["key"].to_pylist(), _matrix(batch["embedding"]))
+
+
+def _read_parts(batch):
+    """Ray Data task: the rows of each parquet part named in ``batch['path']``."""
+    import pyarrow.parquet as pq
+
+    for path in batch["path"].to_pylist():
+        yield pq.read_table(str(path))
 
 
 def read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:

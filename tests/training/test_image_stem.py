@@ -161,15 +161,15 @@ def test_backfill_actor_uses_the_stem_store_and_matches_the_photo_path(tmp_path,
     products = pd.concat([demo_photos, pd.DataFrame({"product_id": ["text-only"], "title": ["Kiwi"], "description": [None], "image_uri": [None]})],
                          ignore_index=True)
     save_encoder(build_stage1(cfg).encoder, cfg.model, tmp_path / "enc")
-    plain = ProductEmbedder(str(tmp_path / "enc"))(products)
+    plain = ProductEmbedder(str(tmp_path / "enc"))(products).to_pandas()  # the actor returns an Arrow table
     assert image_stem_store(cfg, products, tmp_path) is not None
     actor = ProductEmbedder(str(tmp_path / "enc"), stem_path=str(tmp_path / IMAGE_STEM))
     assert actor.stem is not None
-    cached = actor(products)
+    cached = actor(products).to_pandas()
     assert cached["product_id"].tolist() == products["product_id"].tolist()
     np.testing.assert_allclose(np.stack(cached["embedding"]), np.stack(plain["embedding"]), atol=2e-2)
     new_photo = products.iloc[[0]].assign(product_id="not-in-store")  # a product the store lacks: decoded from its photo
-    np.testing.assert_allclose(np.stack(actor(new_photo)["embedding"]), np.stack(plain["embedding"])[[0]], atol=1e-6)
+    np.testing.assert_allclose(np.stack(actor(new_photo).to_pandas()["embedding"]), np.stack(plain["embedding"])[[0]], atol=1e-6)
 
 
 def test_itm_rerank_scores_from_the_stem_match_the_photo_path(tmp_path, demo_photos):
