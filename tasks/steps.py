@@ -247,14 +247,14 @@ def validate_embeddings(catalog_gate: dict, embeddings: dict, params: dict | Non
     paths = run_paths(cfg, run_id)
 
     def body(out):
-        import pandas as pd
 
+        from dashclip_core.storage.partitions import read_column
         from dashclip_core.validation.embedding_gate import validate_embeddings as gate
         from dashclip_core.validation.embedding_gate import write_embedding_gate_report
 
-        emb = pd.read_parquet(step_input(cfg, embeddings, layout.Embeddings).embeddings)
-        ids = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean, columns=["product_id"])["product_id"]
-        result = gate(emb, ids, cfg.model.embed_dim)
+        ids = read_column(step_input(cfg, catalog_gate, layout.CatalogGate).clean, "product_id")
+        result = gate(step_input(cfg, embeddings, layout.Embeddings).embeddings, ids, cfg.model.embed_dim,
+                      chunk_rows=cfg.catalog.chunk_rows)
         write_embedding_gate_report(result, out)
         return {"passed": result.passed, "failing": [f"{f.get('check')}:{f.get('column')}" for f in result.summary.get("failing_expectations", [])],
                 "data_docs": log_data_docs(cfg, paths, Step.VALIDATE_EMBEDDINGS, out)}
@@ -276,18 +276,16 @@ def build_index(embeddings: dict, embeddings_gate: dict, labels: dict, stage2: d
     def body(out):
         import pandas as pd
 
-        from dashclip_core.backfill.embed import read_embeddings
         from dashclip_core.evaluation.report import trained_query_embeddings
-        from dashclip_core.index.faiss_index import build_index as build
-        from dashclip_core.index.faiss_index import recall_at_k_vs_exact
+        from dashclip_core.index.faiss_index import build_index_from_table, recall_at_k_vs_exact_table
 
-        ids, matrix = read_embeddings(step_input(cfg, embeddings, layout.Embeddings).embeddings)
-        index = build(matrix, ids, cfg.index)
+        table = step_input(cfg, embeddings, layout.Embeddings).embeddings  # read in chunks: the index is the one copy
+        index = build_index_from_table(table, cfg.index, cfg.catalog.chunk_rows)
         index.save(out)
         graded = pd.read_parquet(step_input(cfg, labels, layout.Labels).labels, columns=["query"])
         queries = sorted(graded["query"].unique())[: cfg.index.recall_queries]
         q = trained_query_embeddings(step_input(cfg, stage2, layout.Stage2).query_encoder, cfg, queries)
-        recall = recall_at_k_vs_exact(index, matrix, q, k=10)
+        recall = recall_at_k_vs_exact_table(index, table, q, k=10, chunk_rows=cfg.catalog.chunk_rows)
         return {"factory": index.factory, "ntotal": index.ntotal, "dim": index.dim, "recall@10_vs_exact": recall,
                 "n_recall_queries": len(queries), "min_recall_at_10": cfg.index.min_recall_at_10,
                 "passed": bool(recall >= cfg.index.min_recall_at_10)}

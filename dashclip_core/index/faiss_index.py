@@ -188,12 +188,13 @@ def resolve_factory(cfg: IndexConfig, n: int) -> str:
 
 
 def build_index(embeddings: np.ndarray, product_ids: Sequence[str], cfg: IndexConfig) -> ProductIndex:
-    """Build a FAISS inner-product index over product embeddings.
+    """Build a FAISS inner-product index over product embeddings held in memory.
 
     Steps: (1) check the inputs; (2) ``faiss.index_factory(D, resolve_factory(cfg, N), METRIC_INNER_PRODUCT)``;
     (3) train when the index needs training (IVF, PQ), on at most ``cfg.train_sample`` vectors (a seeded
     random sample: k-means cost grows with the training set, not with the catalog); (4) add the
     embeddings in chunks of ``cfg.add_chunk``; (5) set ``nprobe`` / ``efSearch`` where they apply.
+    :func:`build_index_from_table` does the same from a partitioned embeddings table, chunk by chunk.
 
     Args:
         embeddings: (N, D) L2-normalised product embeddings (cast to float32).
@@ -208,22 +209,69 @@ def build_index(embeddings: np.ndarray, product_ids: Sequence[str], cfg: IndexCo
         ValueError: empty or non-finite embeddings, an id count that differs from N, duplicate ids,
             an ``IDMap`` factory, an unparsable factory string, or too few vectors to train it.
     """
-    # Step 1
     embeddings = _as_matrix(embeddings, "embeddings")  # (N, D)
-    n, d = embeddings.shape
+    if cfg.add_chunk < 1:
+        raise ValueError(f"index.add_chunk ({cfg.add_chunk}) must be >= 1")
+    n = embeddings.shape[0]
+    return _build(lambda: (embeddings[s:s + cfg.add_chunk] for s in range(0, n, cfg.add_chunk)), product_ids, embeddings.shape[1], cfg)
+
+
+def build_index_from_table(path: str | os.PathLike, cfg: IndexConfig, chunk_rows: int) -> ProductIndex:
+    """:func:`build_index` over an embeddings table (``product_id``, ``embedding``; a parquet file or a folder of
+    parts), read ``chunk_rows`` rows at a time: the ids are read first, the training sample is gathered in one pass
+    and the vectors are added in a second, so memory holds the index, the ids and one chunk, never a second
+    (N, D) copy. Same sample, same order, same index as :func:`build_index` on the whole matrix."""
+    from dashclip_core.storage.partitions import read_column
+
+    product_ids = [str(p) for p in read_column(path, "product_id")]
+    dim = next((m.shape[1] for m in _table_chunks(path, chunk_rows) if m.shape[0]), 0)
+    return _build(lambda: _table_chunks(path, chunk_rows), product_ids, dim, cfg)
+
+
+def _table_chunks(path, chunk_rows: int):
+    """(n, D) float32 blocks of an embeddings table, checked like :func:`_as_matrix` (the error names the row)."""
+    from dashclip_core.storage.partitions import iter_arrow
+
+    seen = 0
+    for batch in iter_arrow(path, chunk_rows, columns=["embedding"]):
+        matrix = _list_matrix(batch.column(0))
+        if matrix.shape[0]:
+            try:
+                matrix = _as_matrix(matrix, "embeddings")
+            except ValueError as exc:
+                raise ValueError(f"{path}: rows {seen}..{seen + len(matrix) - 1}: {exc}") from exc
+        seen += len(matrix)
+        yield matrix
+
+
+def _list_matrix(column) -> np.ndarray:
+    """(N, D) float32 from an Arrow list<float> column of equal-length lists, without a Python object per row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(column) == 0:
+        return np.zeros((0, 0), np.float32)
+    if column.null_count:
+        raise ValueError(f"embeddings: {column.null_count} null embedding(s), first at row {pc.index(pc.is_null(column), True).as_py()}")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if (lengths != lengths[0]).any():
+        row = int(np.flatnonzero(lengths != lengths[0])[0])
+        raise ValueError(f"embeddings: row {row} has {lengths[row]} values, row 0 has {lengths[0]}")
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return values.reshape(len(column), int(lengths[0]))
+
+
+def _build(chunks, product_ids: Sequence[str], d: int, cfg: IndexConfig) -> ProductIndex:
+    """The steps of :func:`build_index`; ``chunks()`` yields the (n_i, D) float32 blocks in order, afresh per call."""
+    # Step 1
     product_ids = [str(p) for p in product_ids]
-    if len(product_ids) != n:
-        raise ValueError(f"build_index: {len(product_ids)} product_ids for {n} embeddings; they must match one to one")
+    n = len(product_ids)
+    if n == 0 or d == 0:
+        raise ValueError(f"embeddings: empty ({n} products, dimension {d}); need at least one vector of dimension >= 1")
     if len(set(product_ids)) != n:
         dup = pd.Series(product_ids)[pd.Series(product_ids).duplicated()].iloc[0]
         raise ValueError(f"build_index: product_ids are not unique (e.g. {dup!r}); an index holds each product once")
-    norms = np.linalg.norm(embeddings, axis=1)
-    if np.abs(norms - 1.0).max() > NORM_WARN_TOL:
-        logger.warning(
-            "build_index: embeddings are not unit norm (norms in [%.4f, %.4f]); inner product is not cosine",
-            norms.min(),
-            norms.max(),
-        )
     factory = resolve_factory(cfg, n)
     if "IDMAP" in factory.upper():
         raise ValueError(
@@ -238,11 +286,15 @@ def build_index(embeddings: np.ndarray, product_ids: Sequence[str], cfg: IndexCo
     except RuntimeError as exc:
         raise ValueError(f"index.factory {factory!r} is not a valid faiss index_factory string: {exc}") from exc
 
-    # Step 3
+    # Step 3: the sample is the rows at seeded positions (so the same catalog trains the same index)
     if not index.is_trained:
-        sample = embeddings
-        if n > cfg.train_sample:  # seeded: the same catalog trains the same index
-            sample = embeddings[np.sort(np.random.default_rng(0).choice(n, cfg.train_sample, replace=False))]
+        rows = np.arange(n) if n <= cfg.train_sample else np.sort(np.random.default_rng(0).choice(n, cfg.train_sample, replace=False))
+        sample, start = [], 0
+        for block in chunks():
+            lo, hi = np.searchsorted(rows, [start, start + len(block)])
+            sample.append(block[rows[lo:hi] - start])
+            start += len(block)
+        sample = np.concatenate(sample)
         try:
             index.train(sample)
         except RuntimeError as exc:
@@ -250,10 +302,22 @@ def build_index(embeddings: np.ndarray, product_ids: Sequence[str], cfg: IndexCo
                 f"index.factory {factory!r}: training on {len(sample)} vectors failed (too few for the number of "
                 f"centroids?); use a smaller factory such as 'Flat' or 'HNSW32': {exc}"
             ) from exc
+        del sample
 
     # Step 4 and 5
-    for start in range(0, n, cfg.add_chunk):
-        index.add(embeddings[start : start + cfg.add_chunk])
+    lo_norm, hi_norm = np.inf, -np.inf
+    for block in chunks():
+        if block.shape[1] != d:
+            raise ValueError(f"embeddings: a block of dimension {block.shape[1]}, expected {d}")
+        norms = np.linalg.norm(block, axis=1)
+        lo_norm, hi_norm = min(lo_norm, float(norms.min())), max(hi_norm, float(norms.max()))
+        for start in range(0, len(block), cfg.add_chunk):
+            index.add(block[start : start + cfg.add_chunk])
+    if index.ntotal != n:
+        raise ValueError(f"build_index: {n} product_ids for {index.ntotal} embeddings; they must match one to one")
+    if max(abs(lo_norm - 1.0), abs(hi_norm - 1.0)) > NORM_WARN_TOL:
+        logger.warning("build_index: embeddings are not unit norm (norms in [%.4f, %.4f]); inner product is not cosine",
+                       lo_norm, hi_norm)
     _apply_search_params(index, factory, cfg.nprobe, cfg.ef_search)
     logger.info("built faiss index %r: %d vectors of dimension %d", factory, n, d)
     return ProductIndex(index=index, product_ids=product_ids, factory=factory, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
@@ -262,8 +326,8 @@ def build_index(embeddings: np.ndarray, product_ids: Sequence[str], cfg: IndexCo
 def recall_at_k_vs_exact(index: ProductIndex, embeddings: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
     """Mean share of the exact top-k that ``index`` also returns in its top-k.
 
-    The exact answer comes from ``IndexFlatIP`` over the same embeddings, so a ``Flat`` index
-    scores 1.0.
+    The exact answer is every inner product (``faiss.knn``, as ``IndexFlatIP``), block by block with the best k
+    kept per query, so a ``Flat`` index scores 1.0 and no second index of the vectors is built.
 
     Args:
         index: the index to measure.
@@ -284,12 +348,32 @@ def recall_at_k_vs_exact(index: ProductIndex, embeddings: np.ndarray, queries: n
             f"recall_at_k_vs_exact: {embeddings.shape[0]} embeddings but the index holds {index.ntotal}; "
             "pass the vectors the index was built from"
         )
+    return _recall(index, lambda: (embeddings[s:s + 100_000] for s in range(0, len(embeddings), 100_000)), queries, k)
+
+
+def recall_at_k_vs_exact_table(index: ProductIndex, path: str | os.PathLike, queries: np.ndarray, k: int = 10,
+                               chunk_rows: int = 100_000) -> float:
+    """:func:`recall_at_k_vs_exact` with the index's vectors read from its embeddings table ``chunk_rows`` at a time
+    (the exact top-k is kept per query across blocks: no second copy of the vectors)."""
+    queries = _as_matrix(queries, "queries", dim=index.dim)
+    return _recall(index, lambda: _table_chunks(path, chunk_rows), queries, k)
+
+
+def _recall(index: ProductIndex, blocks, queries: np.ndarray, k: int) -> float:
     k = min(k, index.ntotal)
-    exact = faiss.IndexFlatIP(index.dim)
-    exact.add(embeddings)
-    _, exact_positions = exact.search(queries, k)  # (Q, k)
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_pos = np.zeros((len(queries), 0), np.int64)
+    start = 0
+    for block in blocks():  # exact top-k per block (faiss.knn, as IndexFlatIP), merged keeping the best k so far
+        scores, pos = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        scores = np.concatenate([best_scores, scores], axis=1)
+        pos = np.concatenate([best_pos, pos.astype(np.int64) + start], axis=1)
+        order = np.lexsort((pos, -scores), axis=1)[:, :k]  # ties: the earlier product, as one exact search over all
+        best_scores, best_pos = np.take_along_axis(scores, order, 1), np.take_along_axis(pos, order, 1)
+        start += len(block)
+    if start != index.ntotal:
+        raise ValueError(f"recall_at_k_vs_exact: {start} embeddings but the index holds {index.ntotal}; "
+                         "pass the vectors the index was built from")
     _, approx_ids = index.search(queries, k)
-    hits = [
-        len({index.product_ids[p] for p in truth} & set(found)) / k for truth, found in zip(exact_positions, approx_ids)
-    ]
+    hits = [len({index.product_ids[p] for p in truth} & set(found)) / k for truth, found in zip(best_pos, approx_ids)]
     return float(np.mean(hits))

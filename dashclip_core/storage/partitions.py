@@ -54,6 +54,19 @@ def iter_frames(path: str | Path, chunk_rows: int, columns: list[str] | None = N
         yield empty[columns] if (empty is not None and columns) else (empty if empty is not None else pd.DataFrame(columns=columns))
 
 
+def iter_arrow(path: str | Path, chunk_rows: int, columns: list[str] | None = None):
+    """The table's rows as Arrow record batches of at most ``chunk_rows`` rows, in order (for numeric columns
+    such as embeddings, which a pandas frame would hold as one Python object per row). Empty batches are skipped."""
+    import pyarrow.parquet as pq
+
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    for file in part_files(path):
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=chunk_rows, columns=columns):
+            if batch.num_rows:
+                yield batch
+
+
 def count_rows(path: str | Path) -> int:
     """Rows of a table from the parquet footers (no data read)."""
     import pyarrow.parquet as pq

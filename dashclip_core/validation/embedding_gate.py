@@ -85,15 +85,18 @@ def embedding_row_stats(embeddings: pd.Series, dim: int) -> pd.DataFrame:
 
 
 def validate_embeddings(
-    emb: pd.DataFrame,
+    emb: pd.DataFrame | str | os.PathLike,
     expected_ids: Iterable[str] | pd.Series,
     dim: int,
     norm_tol: float = 1e-3,
+    chunk_rows: int = 100_000,
 ) -> EmbeddingGateResult:
     """Check that ``emb`` holds one finite, unit-norm, ``dim``-long vector per expected product.
 
     Args:
-        emb: frame with ``product_id`` (str) and ``embedding`` (list / array of floats).
+        emb: frame with ``product_id`` (str) and ``embedding`` (list / array of floats), or the path of an
+            embeddings table (a parquet file or a folder of parts), read ``chunk_rows`` rows at a time: only the
+            per-row figures (id, dimension, finiteness, norm) of the whole table are held, never its vectors.
         expected_ids: the product ids that must be present (e.g. the clean catalog's ids).
         dim: expected embedding dimension (``model.embed_dim``).
         norm_tol: allowed ``|L2 norm - 1|``.
@@ -104,20 +107,26 @@ def validate_embeddings(
     Raises:
         ValueError: a required column is missing or ``dim`` is not positive.
     """
-    missing_cols = [c for c in REQUIRED_COLUMNS if c not in emb.columns]
-    if missing_cols:
-        raise ValueError(
-            f"embeddings frame: missing column(s) {missing_cols}; found {list(emb.columns)}; "
-            f"expected {list(REQUIRED_COLUMNS)} (CONTRACTS.md, embeddings.parquet)"
-        )
     if dim <= 0:
         raise ValueError(f"validate_embeddings: dim must be positive, got {dim}")
     expected = {str(i) for i in pd.Series(list(expected_ids), dtype=object).dropna()}
+    from dashclip_core.storage.partitions import iter_frames
 
-    emb = emb.reset_index(drop=True)
-    ids = emb["product_id"].astype(object).where(emb["product_id"].notna(), None)
-    frame = embedding_row_stats(emb["embedding"], dim)
-    frame.insert(0, "product_id", ids)
+    chunks = [emb] if isinstance(emb, pd.DataFrame) else iter_frames(emb, chunk_rows, columns=list(REQUIRED_COLUMNS))
+    stats = []
+    for chunk in chunks:
+        missing_cols = [c for c in REQUIRED_COLUMNS if c not in chunk.columns]
+        if missing_cols:
+            raise ValueError(
+                f"embeddings {'frame' if isinstance(emb, pd.DataFrame) else emb}: missing column(s) {missing_cols}; "
+                f"found {list(chunk.columns)}; expected {list(REQUIRED_COLUMNS)} (CONTRACTS.md, embeddings.parquet)"
+            )
+        chunk = chunk.reset_index(drop=True)
+        part = embedding_row_stats(chunk["embedding"], dim)
+        part.insert(0, "product_id", chunk["product_id"].astype(object).where(chunk["product_id"].notna(), None))
+        stats.append(part)
+    frame = pd.concat(stats, ignore_index=True)
+    ids = frame["product_id"]
     # Membership is computed here: a GX value_set of 100k ids takes seconds, a boolean column milliseconds.
     frame["is_expected"] = pd.Series([None if i is None else i in expected for i in ids], dtype=object)
 
@@ -147,7 +156,7 @@ def validate_embeddings(
             f["unexpected_count"] = len(missing_ids)
     passed = all(o.success for o in outcomes.values())
     summary = {
-        "n_rows": len(emb),
+        "n_rows": len(frame),
         "n_expected": len(expected),
         "dim": dim,
         "norm_tol": norm_tol,
@@ -156,7 +165,7 @@ def validate_embeddings(
         "failing_expectations": failing,
     }
     if passed:
-        logger.info("embedding gate passed: %d products, dim %d", len(emb), dim)
+        logger.info("embedding gate passed: %d products, dim %d", len(frame), dim)
     else:
         logger.warning(
             "embedding gate failed: %s",

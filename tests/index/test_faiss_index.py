@@ -146,3 +146,36 @@ def test_ivf_trains_on_a_bounded_sample_and_adds_in_chunks(clustered, monkeypatc
     same = build_index(points, ids, IndexConfig(factory="IVF8,Flat", train_sample=500, add_chunk=600))
     centroids = [faiss.extract_index_ivf(i.index).quantizer.reconstruct_n(0, 8) for i in (index, same)]
     np.testing.assert_array_equal(*centroids)  # a seeded sample: the same catalog trains the same index
+
+
+def test_index_from_a_partitioned_table_in_chunks_equals_the_in_memory_build(clustered, tmp_path: Path, monkeypatch) -> None:
+    """IVF trained on the same seeded sample and filled chunk by chunk from parts: same search answers and the same
+    recall as the build from the whole matrix; no block read above chunk_rows."""
+    import pandas as pd
+
+    from dashclip_core.index import faiss_index
+    from dashclip_core.index.faiss_index import build_index_from_table, recall_at_k_vs_exact_table
+    from dashclip_core.storage.partitions import PartWriter
+
+    points, ids, queries = clustered
+    writer = PartWriter(tmp_path / "embeddings.parquet")
+    for start in range(0, len(ids), 700):
+        writer.write(pd.DataFrame({"product_id": ids[start:start + 700], "embedding": list(points[start:start + 700])}))
+    writer.close()
+    blocks = []
+    original = faiss_index._list_matrix
+    monkeypatch.setattr(faiss_index, "_list_matrix", lambda column: blocks.append(len(column)) or original(column))
+    cfg = IndexConfig(factory="IVF64,Flat", nprobe=1, train_sample=1300)
+
+    from_table = build_index_from_table(tmp_path / "embeddings.parquet", cfg, chunk_rows=300)
+    in_memory = build_index(points, ids, cfg)
+
+    assert max(blocks) <= 300 and from_table.ntotal == len(ids) and from_table.product_ids == ids
+    scores_t, found_t = from_table.search(queries, 10)
+    scores_m, found_m = in_memory.search(queries, 10)
+    assert found_t == found_m
+    np.testing.assert_allclose(scores_t, scores_m, atol=1e-6)
+    recall = recall_at_k_vs_exact_table(from_table, tmp_path / "embeddings.parquet", queries, k=10, chunk_rows=300)
+    assert recall == recall_at_k_vs_exact(in_memory, points, queries, k=10) < 1.0  # nprobe 1 of 64 misses some
+    flat = build_index_from_table(tmp_path / "embeddings.parquet", IndexConfig(factory="Flat"), chunk_rows=300)
+    assert recall_at_k_vs_exact_table(flat, tmp_path / "embeddings.parquet", queries, k=10, chunk_rows=300) == 1.0

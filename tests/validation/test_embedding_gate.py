@@ -98,3 +98,29 @@ def test_fewer_rows_than_expected_fails_row_count() -> None:
 def test_missing_column_raises() -> None:
     with pytest.raises(ValueError, match=r"missing column\(s\) \['embedding'\]"):
         validate_embeddings(pd.DataFrame({"product_id": ["a"]}), {"a"}, DIM)
+
+
+def test_partitioned_table_read_in_chunks_gives_the_frame_verdict(tmp_path: Path, monkeypatch) -> None:
+    """A folder of parts read 5 rows at a time: same failures, same ids as the whole frame, no batch above 5 rows."""
+    from dashclip_core.storage import partitions
+    from dashclip_core.storage.partitions import PartWriter
+
+    emb = make_embeddings(23)
+    emb.at[4, "embedding"] = emb.at[4, "embedding"] * 1.5  # in the first part
+    emb.loc[17, "product_id"] = "p003"  # a duplicate of a row in another part
+    writer = PartWriter(tmp_path / "embeddings.parquet")
+    for start in range(0, 23, 9):
+        writer.write(emb.iloc[start:start + 9])
+    writer.close()
+    seen = []
+    original = partitions.iter_frames
+    monkeypatch.setattr(partitions, "iter_frames", lambda *a, **k: (seen.append(len(f)) or f for f in original(*a, **k)))
+    expected = [f"p{i:03d}" for i in range(23)]
+
+    from_parts = validate_embeddings(tmp_path / "embeddings.parquet", expected, DIM, chunk_rows=5)
+
+    whole = validate_embeddings(emb, expected, DIM)
+    assert max(seen) <= 5 and sum(seen) == 23
+    assert not from_parts.passed and from_parts.summary == whole.summary
+    assert set(failing(from_parts)) == {"unit_norm", "product_id_unique"}
+    assert from_parts.summary["missing_ids"] == ["p017"]
