@@ -13,6 +13,7 @@ from dashclip_core.config import PipelineConfig
 from dashclip_core.evaluation.metrics import evaluate_rankings
 from dashclip_core.evaluation.photos import PHOTO_METRIC_PREFIXES, photo_metrics, zero_shot_products
 from dashclip_core.evaluation.ranking import rank_by_embeddings
+from dashclip_core.storage.images import ImagePolicy
 
 
 def _embeddings(predicted: pd.DataFrame) -> np.ndarray:
@@ -31,17 +32,19 @@ def _accepts_inline_images(model) -> bool:
     return schema is None or "image_b64" in schema.input_names()
 
 
-def predict_products(model, products: pd.DataFrame) -> pd.DataFrame:
+def predict_products(model, products: pd.DataFrame, images=None) -> pd.DataFrame:
     """``model.predict`` on product rows (``product_id``, ``title``, ``description``, ``image_uri``), in chunks.
 
-    Photos go inline (``image_b64``, read here under the trusted-input policy: these are clean, gate-checked
-    rows), because a served model refuses local paths outside its operator's roots; a model registered
+    Photos go inline (``image_b64``, read here under ``images``, the run's
+    :class:`~dashclip_core.storage.images.ImagePolicy` with its S3 endpoint; None = the trusted-input policy,
+    for clean, gate-checked rows on boto3's default endpoint), because a served model refuses local paths outside its operator's roots; a model registered
     before ``image_b64`` existed gets ``image_path``, which it reads itself.
     """
     import base64
 
     from dashclip_core.storage.images import TRUSTED_INPUT, read_image_bytes
 
+    images = images if images is not None else TRUSTED_INPUT
     inline = _accepts_inline_images(model)
     parts = []
     for start in range(0, len(products), PRODUCT_CHUNK):
@@ -50,7 +53,7 @@ def predict_products(model, products: pd.DataFrame) -> pd.DataFrame:
                               "description": chunk["description"].to_numpy()})
         uris = [u if isinstance(u, str) and u else None for u in chunk["image_uri"]]
         if inline:
-            frame["image_b64"] = [None if u is None else base64.b64encode(read_image_bytes(u, TRUSTED_INPUT)).decode("ascii")
+            frame["image_b64"] = [None if u is None else base64.b64encode(read_image_bytes(u, images)).decode("ascii")
                                   for u in uris]
         else:
             frame["image_path"] = uris
@@ -70,7 +73,7 @@ def photo_metrics_via_pyfunc(model, cfg: PipelineConfig, products: pd.DataFrame)
         raise ValueError("no held-out photos to score zero-shot / text -> image metrics on")
     prod_in = pd.DataFrame({"product_id": photos["product_id"].to_numpy(), "title": None, "description": None,
                             "image_uri": photos["image_uri"].to_numpy()})
-    image_emb = _embeddings(predict_products(model, prod_in))  # (N, D)
+    image_emb = _embeddings(predict_products(model, prod_in, ImagePolicy.for_pipeline(cfg)))  # (N, D)
 
     def embed_text(texts: list[str]) -> np.ndarray:
         return _embeddings(model.predict(pd.DataFrame({"query_id": texts, "query": texts})))
@@ -90,7 +93,7 @@ def score_model_uri(model_uri: str, cfg: PipelineConfig, products: pd.DataFrame,
     if metric.startswith(PHOTO_METRIC_PREFIXES):
         return float(photo_metrics_via_pyfunc(model, cfg, products)[metric])
     queries = sorted(judgments["query"].unique())
-    p = predict_products(model, products[["product_id", "title", "description", "image_uri"]])
+    p = predict_products(model, products[["product_id", "title", "description", "image_uri"]], ImagePolicy.for_pipeline(cfg))
     q_emb = _embeddings(model.predict(pd.DataFrame({"query_id": queries, "query": queries})))
     rankings = dict(zip(queries, rank_by_embeddings(q_emb, _embeddings(p), p["product_id"].tolist(), max(cfg.evaluation.ks))))
     m = evaluate_rankings(rankings, judgments, ks=cfg.evaluation.ks, min_relevant_label=cfg.evaluation.min_relevant_label)

@@ -36,12 +36,14 @@ def image_backbone_features(product_encoder, cfg: PipelineConfig, products: pd.D
     import torch
 
     from dashclip_core.models.towers import load_pixels
+    from dashclip_core.storage.images import ImagePolicy
 
     backbone = "blip" if cfg.model.blip_checkpoint else cfg.model.image.backbone
+    policy = ImagePolicy.for_pipeline(cfg)  # the run's roots and its S3 endpoint (MinIO, moto), as every other read
     out = []
     for start in range(0, len(products), batch_size):
         paths = products["image_uri"].iloc[start : start + batch_size]
-        pixels = torch.from_numpy(np.stack([load_pixels(p, cfg.model.image.image_size, backbone)[0] for p in paths]))
+        pixels = torch.from_numpy(np.stack([load_pixels(p, cfg.model.image.image_size, backbone, policy)[0] for p in paths]))
         with torch.no_grad():
             out.append(product_encoder.image_tower.eval()(pixels)[1].float().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
