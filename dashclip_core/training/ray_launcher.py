@@ -53,7 +53,7 @@ def ensure_ray(cfg: PipelineConfig) -> None:
 
 
 def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: PipelineConfig, name: str, storage_path: Path,
-        fingerprint: Fingerprint, stage: str):
+        fingerprint: Fingerprint, stage: str, datasets: dict | None = None):
     """Run ``train_fn`` on ``cfg.train.num_workers`` Ray workers and return the ``ray.train.Result``.
 
     Args:
@@ -65,6 +65,10 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: PipelineConfig
         storage_path: where Ray keeps checkpoints (a local folder).
         fingerprint: what this run is trained from; every checkpoint records it.
         stage: "stage1" / "stage2", for messages.
+        datasets: name -> Ray Data dataset of the stage's examples. Every worker gets the whole stream
+            (``ray.train.get_dataset_shard(name)``, not split by Ray): each keeps the rows of its own slice of
+            every global batch (:func:`~dashclip_core.training.stage1.epoch_shard`), so the data order does not
+            depend on the worker count and no worker reads the driver's disk.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -77,10 +81,14 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: PipelineConfig
         use_gpu=cfg.train.use_gpu,
         resources_per_worker={"CPU": 1},
     )
+    from ray.train import DataConfig
+
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
         scaling_config=scaling,
+        datasets=datasets or None,
+        dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(name=name, storage_path=str(storage_path), checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )

@@ -77,6 +77,46 @@ def shard_steps(n_rows: int, global_batch: int, world_size: int, rank: int, seed
 
 
 
+def epoch_shard(batches, n_rows: int, global_batch: int, world_size: int, rank: int, seed: int, epoch: int,
+                samples: int = 0) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """This worker's rows for one epoch, kept from one pass over a stream of the whole table.
+
+    ``batches`` yields frames with a ``row`` column (the row's position in the table, 0..n_rows-1), in any order
+    (a Ray Data iterator). The rows :func:`shard_steps` gives this worker are kept, in the order its steps visit
+    them; everything else streams past. Returns (those rows, one positional index array per step), so
+    ``shard.iloc[steps[i]]`` are exactly the rows ``table.iloc[shard_steps(...)[i]]`` would be: the same data
+    order on 1 or N workers, and a worker holds its share of one epoch, not the table.
+
+    Raises:
+        ValueError: the stream lacks rows this worker needs, or repeats one.
+    """
+    steps = shard_steps(n_rows, global_batch, world_size, rank, seed, epoch, samples=samples)
+    wanted = np.concatenate(steps) if steps else np.zeros(0, np.int64)
+    visit = np.full(n_rows, -1, np.int64)
+    visit[wanted] = np.arange(len(wanted))
+    kept = []
+    for frame in batches:
+        rows = frame["row"].to_numpy(np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= n_rows):
+            raise ValueError(f"epoch_shard: row ids outside 0..{n_rows - 1} in the stream")
+        at = visit[rows]
+        if (at >= 0).any():
+            kept.append(frame[at >= 0].assign(_visit=at[at >= 0]))
+    shard = pd.concat(kept, ignore_index=True) if kept else pd.DataFrame({"row": [], "_visit": []})
+    if len(shard) != len(wanted) or (len(shard) and shard["_visit"].duplicated().any()):
+        raise ValueError(f"epoch_shard: the stream gave {len(shard)} of this worker's {len(wanted)} rows (a row missing or repeated)")
+    shard = shard.sort_values("_visit", kind="stable").drop(columns="_visit").reset_index(drop=True)
+    per_step = len(steps[0]) if steps else 0
+    return shard, [np.arange(i * per_step, (i + 1) * per_step) for i in range(len(steps))]
+
+
+def stream_frames(name: str, batch_rows: int = 65_536):
+    """The frames of the Ray Train dataset ``name`` (inside a worker), ``batch_rows`` at a time."""
+    import ray.train
+
+    return ray.train.get_dataset_shard(name).iter_batches(batch_size=batch_rows, batch_format="pandas")
+
+
 def image_stem_store(cfg: PipelineConfig, products: pd.DataFrame, ray_storage: Path):
     """The run's frozen image stem for every product photo (computed once, then shared by stage 2 and
     evaluate); None when ``train.stage1_stem_cache`` is off or the image tower has no frozen stem."""
@@ -206,7 +246,8 @@ def build_stage1(cfg: PipelineConfig) -> Stage1Model:
 
 
 def stage1_worker(config: dict) -> None:
-    """Ray Train loop: one call per worker. ``config`` = {"pipeline": cfg dict, "pairs": parquet path, "mlflow": {...}}."""
+    """Ray Train loop: one call per worker. ``config`` = {"pipeline": cfg dict, "n_pairs": rows of the ``pairs`` dataset,
+    "mlflow": {...}, "stem_cache": ...}; the pairs arrive as the Ray Data dataset ``pairs`` (see :func:`epoch_shard`)."""
     import ray.train
     import ray.train.torch
 
@@ -218,7 +259,7 @@ def stage1_worker(config: dict) -> None:
     cfg = PipelineConfig.from_dict(config["pipeline"])
     torch.set_num_threads(cfg.train.torch_threads_per_worker)
 
-    pairs = pd.read_parquet(config["pairs"])
+    n_pairs = int(config["n_pairs"])
     stem_cache = np.load(config["stem_cache"], mmap_mode="r") if config.get("stem_cache") else None  # (N, C, h, w) float16, row = pairs.stem_row
     builder = InputBuilder(cfg.model, images=ImagePolicy.for_pipeline(cfg))  # the catalog's roots and limits
     model = build_stage1(cfg)
@@ -235,8 +276,8 @@ def stage1_worker(config: dict) -> None:
         aug = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, rank, epoch, 2))
         model.train()
         meter = EpochMeter(mlflow_log, cfg.train.stage1_batch_size)
-        steps = shard_steps(len(pairs), cfg.train.stage1_batch_size, world, rank, cfg.train.seed, epoch,
-                            samples=cfg.train.stage1_samples_per_epoch)
+        pairs, steps = epoch_shard(stream_frames("pairs"), n_pairs, cfg.train.stage1_batch_size, world, rank, cfg.train.seed,
+                                   epoch, samples=cfg.train.stage1_samples_per_epoch)
         for i, idx in enumerate(steps):
             # ALBEF ramps the distillation weight up over the first epoch, while the momentum encoder is still poor.
             alpha = cfg.loss.distill_alpha * (min(1.0, (i + 1) / len(steps)) if epoch == 0 else 1.0)
@@ -265,6 +306,20 @@ def stage1_worker(config: dict) -> None:
 
 
 # ---- launcher ----------------------------------------------------------------------------------
+
+
+def examples_dataset(cfg: PipelineConfig, frame: pd.DataFrame):
+    """A stage's examples as a Ray Data dataset with a ``row`` column (position in ``frame``), in blocks of at
+    most ``catalog.chunk_rows`` rows in Ray's object store: workers on any node stream it (no shared disk)."""
+    import ray.data
+
+    from dashclip_core.training.ray_launcher import ensure_ray
+
+    ensure_ray(cfg)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    frame = frame.reset_index(drop=True).assign(row=np.arange(len(frame), dtype=np.int64))
+    chunk = max(1, cfg.catalog.chunk_rows)
+    return ray.data.from_pandas([frame.iloc[s:s + chunk] for s in range(0, max(len(frame), 1), chunk)])
 
 
 def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray_storage: Path, ray_name: str, mlflow_run: dict) -> dict:
@@ -297,11 +352,12 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
         if stem is not None:
             pairs["stem_row"] = [stem.row[p] for p in pairs["product_id"]]
         pairs.to_parquet(pairs_path, index=False)
-        worker_config = {"pipeline": cfg.to_dict(), "pairs": str(pairs_path), "mlflow": mlflow_run, "stem_cache": f"{stem.path}.npy" if stem else ""}
+        worker_config = {"pipeline": cfg.to_dict(), "n_pairs": len(pairs), "mlflow": mlflow_run, "stem_cache": f"{stem.path}.npy" if stem else ""}
         # What the checkpoints are trained from: a retry resumes them only when this is unchanged. The photos
         # count by their URI (their bytes are not hashed); the stem cache is a function of them and model.image.
         fingerprint = stage_fingerprint(cfg, "stage1", {"pairs": frame_digest(pairs, list(STAGE1_DATA_COLUMNS))})
-        result = fit(stage1_worker, worker_config, cfg, ray_name, ray_storage, fingerprint, "stage1")
+        result = fit(stage1_worker, worker_config, cfg, ray_name, ray_storage, fingerprint, "stage1",
+                     datasets={"pairs": examples_dataset(cfg, pairs)})
         state = read_checkpoint(result)
         final_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         precision = result.metrics.get("precision", "fp32")

@@ -22,7 +22,13 @@ from dashclip_core.losses import QueryCatalogContrastiveLoss, cached_qcc_step
 from dashclip_core.models.encoders import WEIGHTS, QueryEncoder, count_parameters, load_product_encoder, save_encoder
 from dashclip_core.models.inputs import InputBuilder, embed_products
 from dashclip_core.storage.images import ImagePolicy
-from dashclip_core.training.stage1 import parameter_groups, shard_steps, trainable_products
+from dashclip_core.training.stage1 import (
+    epoch_shard,
+    examples_dataset,
+    parameter_groups,
+    stream_frames,
+    trainable_products,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +63,8 @@ def stage2_examples(labels: pd.DataFrame, product_index: dict[str, int]) -> tupl
 
 
 def stage2_worker(config: dict) -> None:
-    """Ray Train loop. ``config`` = {"pipeline", "examples", "hard_negatives", "product_emb", "stage1_dir", "mlflow"}."""
+    """Ray Train loop. ``config`` = {"pipeline", "n_examples", "hard_negatives", "product_emb", "stage1_dir", "mlflow"};
+    the examples arrive as the Ray Data dataset ``examples`` (each epoch, this worker keeps its rows: ``epoch_shard``)."""
     import ray.train
     import ray.train.torch
 
@@ -68,10 +75,11 @@ def stage2_worker(config: dict) -> None:
     cfg = PipelineConfig.from_dict(config["pipeline"])
     torch.set_num_threads(cfg.train.torch_threads_per_worker)
 
-    pos = pd.read_parquet(config["examples"])
+    n_examples = int(config["n_examples"])
     hard = {int(k): v for k, v in json.loads(Path(config["hard_negatives"]).read_text()).items()}
     product_emb = torch.from_numpy(np.load(config["product_emb"]))
-    positive_pairs = set(zip(pos["query"], pos["product_idx"]))
+    # Which (query, product) pairs are known positives (never each other's in-batch negatives), from one pass.
+    positive_pairs = {pair for frame in stream_frames("examples") for pair in zip(frame["query"], frame["product_idx"])}
     builder = InputBuilder(cfg.model, images=ImagePolicy.for_pipeline(cfg))  # the catalog's roots and limits
     torch.manual_seed(cfg.train.seed)
     product_encoder = load_product_encoder(Path(config["stage1_dir"]))
@@ -95,7 +103,8 @@ def stage2_worker(config: dict) -> None:
         rng = np.random.default_rng(epoch_seed(cfg.train.seed, rank, epoch, 3))
         model.train()
         meter = EpochMeter(mlflow_log, cfg.train.stage2_batch_size)
-        steps = shard_steps(len(pos), cfg.train.stage2_batch_size, world, rank, cfg.train.seed + 17, epoch)
+        pos, steps = epoch_shard(stream_frames("examples"), n_examples, cfg.train.stage2_batch_size, world, rank,
+                                 cfg.train.seed + 17, epoch)
         for idx in steps:
             rows = pos.iloc[idx]
             queries = rows["query"].tolist()
@@ -180,10 +189,13 @@ def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFra
     if len(pos) < cfg.train.stage2_batch_size:
         raise ValueError(f"stage2 needs at least train.stage2_batch_size={cfg.train.stage2_batch_size} relevant (label>=1) train pairs, got {len(pos)}")
     used = sorted(set(pos["product_idx"]))
+    # The anchor matrix holds the products the examples use, not the catalog: product_idx becomes their row in it.
+    compact = {old: new for new, old in enumerate(used)}
+    pos["product_idx"] = pos["product_idx"].map(compact).astype(np.int64)
+    hard = {compact[k]: v for k, v in hard.items() if k in compact}  # hard negatives are drawn for batch products only
     torch.set_num_threads(max(1, cfg.ray.num_cpus))
     encoder = load_product_encoder(stage1_dir)
-    emb = np.zeros((len(products), cfg.model.embed_dim), np.float32)
-    emb[used] = anchor_embeddings(encoder, cfg, products.iloc[used], ray_storage)
+    emb = anchor_embeddings(encoder, cfg, products.iloc[used], ray_storage).astype(np.float32)  # (len(used), D)
     del encoder
     outputs = Stage2(out_dir)
     np.save(outputs.anchor_product_emb, emb)
@@ -192,7 +204,7 @@ def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFra
 
     t0 = time.time()
     loop = {
-        "pipeline": cfg.to_dict(), "examples": str(outputs.examples),
+        "pipeline": cfg.to_dict(), "n_examples": len(pos),
         "hard_negatives": str(outputs.hard_negatives), "product_emb": str(outputs.anchor_product_emb),
         "stage1_dir": str(stage1_dir), "mlflow": mlflow_run,
     }
@@ -209,7 +221,8 @@ def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFra
             "stage1_encoder": file_digest(Path(stage1_dir) / WEIGHTS),
             "anchor_products": frame_digest(products.iloc[used], ["product_id", "title", "description", "image_uri"]),
         })
-        result = fit(stage2_worker, loop, cfg, ray_name, ray_storage, fingerprint, "stage2")
+        result = fit(stage2_worker, loop, cfg, ray_name, ray_storage, fingerprint, "stage2",
+                     datasets={"examples": examples_dataset(cfg, pos)})
         model.load_state_dict(read_checkpoint(result)["model"])
         final_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         precision = result.metrics.get("precision", "fp32")

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dashclip_core.config import PipelineConfig
-from dashclip_core.training.stage1 import build_stage1, shard_steps, stage1_pairs
+from dashclip_core.training.stage1 import build_stage1, epoch_shard, shard_steps, stage1_pairs
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,26 @@ def test_an_epoch_of_a_configured_sample_size_draws_that_many_rows_afresh_each_e
     assert len(first) == len(second) == 160 and len(set(first.tolist())) == 160
     assert set(first.tolist()) != set(second.tolist())  # another draw of the large catalog, not the same 160 rows
     assert len(shard_steps(100, 16, 2, 1, seed=0, epoch=0, samples=1000)) == 100 // 16  # capped by the catalog
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("samples", [0, 40])
+def test_a_worker_keeps_from_a_shuffled_stream_exactly_the_rows_of_its_steps(world, samples):
+    """epoch_shard over a stream in any block order gives each worker the rows shard_steps picks, in step order,
+    and holds no other row (what lets training read Ray Data instead of a table every worker loads)."""
+    table = pd.DataFrame({"row": np.arange(103), "title": [f"t{i}" for i in range(103)]})
+    blocks = [table.iloc[s:s + 10] for s in range(0, 103, 10)]
+    for epoch in range(2):
+        stream = [blocks[i] for i in np.random.default_rng(epoch).permutation(len(blocks))]  # Ray Data gives no order
+        for rank in range(world):
+            shard, steps = epoch_shard(iter(stream), 103, 12, world, rank, seed=5, epoch=epoch, samples=samples)
+            expected = shard_steps(103, 12, world, rank, seed=5, epoch=epoch, samples=samples)
+            assert len(steps) == len(expected) > 0
+            for got, want in zip(steps, expected):
+                assert shard.iloc[got]["title"].tolist() == table.iloc[want]["title"].tolist()
+            assert len(shard) == sum(len(s) for s in expected)  # nothing else kept
+    with pytest.raises(ValueError, match="rows"):
+        epoch_shard(iter(blocks[:3]), 103, 12, 1, 0, seed=5, epoch=0)  # a stream missing rows
 
 
 def test_stage1_pairs_groups_identical_text():
