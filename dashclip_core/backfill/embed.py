@@ -27,6 +27,7 @@ from dashclip_core.config import PipelineConfig
 logger = logging.getLogger(__name__)
 
 COLUMNS = ["product_id", "title", "description", "image_uri"]
+TODO_PART_BATCHES = 8  # rows to embed are handed to the actor pool in blocks of this many batches
 
 
 class ProductEmbedder:
@@ -105,7 +106,11 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame | str | Path
                 out.write(_embedding_frame(chunk["product_id"].iloc[hit].astype(str).tolist(), np.stack([found[keys[i]] for i in hit])))
                 n_reused += len(hit)
             miss = [i for i, key in enumerate(keys) if key not in found]
-            todo.write(chunk.iloc[miss].assign(key=[keys[i] for i in miss]))
+            misses = chunk.iloc[miss].assign(key=[keys[i] for i in miss])
+            # Small parts: each is one read task and one Ray Data block, and a block goes to one actor at a time,
+            # so a chunk written as one part would keep every actor but one idle.
+            for start in range(0, len(misses), TODO_PART_BATCHES * cfg.ray.backfill_batch_size):
+                todo.write(misses.iloc[start:start + TODO_PART_BATCHES * cfg.ray.backfill_batch_size])
         if todo.n_rows:
             todo.close()
             for ids, keys, matrix in _embed_with_ray(cfg, part_files(Path(scratch) / "todo"), model_dir, stem_path, policy):
