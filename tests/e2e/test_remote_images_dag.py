@@ -157,12 +157,17 @@ def remote_catalog(tmp_path, s3_endpoint, image_server, tiny_config):
 def test_remote_image_catalog_runs_through_the_dag_and_quarantines_bad_images(airflow_db, remote_catalog, image_server):
     import numpy as np
     import pandas as pd
+    import ray
     from airflow.dag_processing.dagbag import DagBag
 
     from dashclip_core.config import PipelineConfig
     from dashclip_core.storage import read_json
     from tasks.common import run_paths
 
+    # Ray's workers read the photos from S3 with the credentials of the process that started Ray. An earlier test of
+    # this pytest process may have started Ray before the s3_endpoint fixture set the test credentials, so this run
+    # starts its own (as an Airflow worker does, with its credentials in its environment from the start).
+    ray.shutdown()
     cfg_path = remote_catalog["config"]
     s3_keys, http_paths, bad_uris = remote_catalog["s3_keys"], remote_catalog["http_paths"], remote_catalog["bad_uris"]
     bag = DagBag(dag_folder=str(ROOT / "dags"))

@@ -13,7 +13,8 @@ from dashclip_core.models.inputs import InputBuilder, embed_products
 
 
 def test_embeddings_from_pooled_match_encode_product(tiny_config, tmp_path):
-    cfg = PipelineConfig.from_file(tiny_config)
+    # The photos are this test's own: evaluation reads them under the run's image policy, so they are an allowed root.
+    cfg = PipelineConfig.from_file(tiny_config).with_overrides(**{"catalog.image_roots": (str(tmp_path),)})
     rng = np.random.default_rng(0)
     paths = []
     for i in range(3):
