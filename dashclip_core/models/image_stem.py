@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,15 +38,58 @@ def stem_fingerprint(model_cfg: ModelConfig) -> dict:
     return {"image": asdict(model_cfg.image), "blip_checkpoint": model_cfg.blip_checkpoint}
 
 
+class StemRows:
+    """Rows of an (N, ...) ``.npy`` array, read on demand with ``os.pread``.
+
+    Not a memory map on purpose: a map keeps every page a process has touched in its resident set, so over an
+    epoch each training worker (and the driver) would count the whole cache in its RSS, once per process. Rows
+    read with pread go through the page cache, which the kernel shares and can drop, and only the batch being
+    built lives in the process.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, fortran_order, self.dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran_order:
+            raise ValueError(f"{self.path}: stem cache must be C-ordered")
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """The rows ``rows`` (a sequence of indices), in that order, as one new array."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"{self.path}: row out of range 0..{len(self) - 1}")
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        view = out.reshape(len(rows), self.row_bytes // self.dtype.itemsize).view(np.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for i, row in enumerate(rows):
+                data = os.pread(fd, self.row_bytes, self.offset + int(row) * self.row_bytes)
+                if len(data) != self.row_bytes:
+                    raise OSError(f"{self.path}: short read at row {row} (file truncated?)")
+                view[i] = np.frombuffer(data, np.uint8)
+        finally:
+            os.close(fd)
+        return out
+
+
 class StemStore:
-    """Read side of a computed store: ``array`` (N, C, h, w) float16 memory-mapped, ``row`` product_id -> index."""
+    """Read side of a computed store: ``array`` (N, C, h, w) float16 rows read on demand (:class:`StemRows`),
+    ``row`` product_id -> index."""
 
     def __init__(self, path: Path) -> None:
         meta = json.loads(Path(f"{path}.json").read_text())
         self.path = Path(path)
         self.fingerprint = meta["fingerprint"]
         self.row = {p: i for i, p in enumerate(meta["product_ids"])}
-        self.array = np.load(f"{path}.npy", mmap_mode="r")
+        self.array = StemRows(f"{path}.npy")
 
     @classmethod
     def open(cls, path: Path, model_cfg: ModelConfig) -> StemStore | None:

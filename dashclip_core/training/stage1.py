@@ -251,6 +251,7 @@ def stage1_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from dashclip_core.models.image_stem import StemRows
     from dashclip_core.storage.images import ImagePolicy
     from dashclip_core.training.checkpoints import epoch_seed
     from dashclip_core.training.ray_launcher import EpochMeter, start_worker
@@ -260,7 +261,7 @@ def stage1_worker(config: dict) -> None:
     torch.set_num_threads(cfg.train.torch_threads_per_worker)
 
     n_pairs = int(config["n_pairs"])
-    stem_cache = np.load(config["stem_cache"], mmap_mode="r") if config.get("stem_cache") else None  # (N, C, h, w) float16, row = pairs.stem_row
+    stem_cache = StemRows(config["stem_cache"]) if config.get("stem_cache") else None  # (N, C, h, w) float16, row = pairs.stem_row
     builder = InputBuilder(cfg.model, images=ImagePolicy.for_pipeline(cfg))  # the catalog's roots and limits
     model = build_stage1(cfg)
     w = start_worker(cfg, config, "stage1", model, parameter_groups(model, cfg, cfg.train.stage1_lr))

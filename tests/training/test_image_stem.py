@@ -186,3 +186,20 @@ def test_itm_rerank_scores_from_the_stem_match_the_photo_path(tmp_path, demo_pho
     for a, b in zip(plain, cached):
         assert a.keys() == b.keys()
         assert all(abs(a[p] - b[p]) < 2e-2 for p in a)
+
+
+def test_stem_rows_read_what_numpy_saved_in_the_order_asked(tmp_path):
+    """The stem cache is read row by row with pread (no memory map, so no worker keeps the file's pages in its RSS):
+    any rows, repeated and out of order, come back exactly as saved; a row past the end is an error naming the file."""
+    from dashclip_core.models.image_stem import StemRows
+
+    rng = np.random.default_rng(0)
+    saved = rng.standard_normal((9, 3, 4, 5)).astype(np.float16)
+    np.save(tmp_path / "stem.npy", saved)
+    rows = StemRows(tmp_path / "stem.npy")
+    assert len(rows) == 9 and rows.shape == saved.shape and rows.dtype == np.float16
+    order = [7, 0, 7, 3, 8]
+    np.testing.assert_array_equal(rows[order], saved[order])
+    assert rows[[]].shape == (0, 3, 4, 5)
+    with pytest.raises(IndexError, match="stem.npy"):
+        rows[[9]]
