@@ -144,23 +144,13 @@ def _embedding_frame(ids: list[str], matrix: np.ndarray) -> pd.DataFrame:
                          "embedding": pd.Series(list(np.asarray(matrix, np.float32)), dtype=object)})
 
 
-def _matrix(column) -> np.ndarray:
-    """(N, D) float32 from an Arrow list<float32> column, without a Python object per row."""
-    import pyarrow as pa
-
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if len(column) == 0:
-        return np.zeros((0, 0), np.float32)
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return values.reshape(len(column), -1)
-
-
 def _embed_with_ray(cfg: PipelineConfig, parts: list[Path], model_dir: Path, stem_path: Path | None, policy):
     """Yields (ids, content keys, (n, D) embeddings) for the rows of the parquet ``parts``, at most
     ``catalog.chunk_rows`` rows at a time, streamed through a Ray Data actor pool (one encoder per actor)."""
     import pyarrow as pa
     import ray.data
 
+    from dashclip_core.storage.partitions import list_matrix
     from dashclip_core.training.ray_launcher import ensure_ray
 
     ensure_ray(cfg)
@@ -182,7 +172,7 @@ def _embed_with_ray(cfg: PipelineConfig, parts: list[Path], model_dir: Path, ste
     )
     for batch in embedded.iter_batches(batch_size=cfg.catalog.chunk_rows, batch_format="pyarrow"):
         batch = pa.table(batch) if not isinstance(batch, pa.Table) else batch
-        yield ([str(p) for p in batch["product_id"].to_pylist()], batch["key"].to_pylist(), _matrix(batch["embedding"]))
+        yield ([str(p) for p in batch["product_id"].to_pylist()], batch["key"].to_pylist(), list_matrix(batch["embedding"]))
 
 
 def _read_parts(batch):
@@ -197,5 +187,7 @@ def read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:
     """(product_ids, (N, D) float32) from an embeddings table (a parquet file or a folder of parts)."""
     import pyarrow.parquet as pq
 
+    from dashclip_core.storage.partitions import list_matrix
+
     table = pq.read_table(path, columns=["product_id", "embedding"])
-    return [str(p) for p in table["product_id"].to_pylist()], _matrix(table["embedding"])
+    return [str(p) for p in table["product_id"].to_pylist()], list_matrix(table["embedding"])

@@ -230,11 +230,11 @@ def build_index_from_table(path: str | os.PathLike, cfg: IndexConfig, chunk_rows
 
 def _table_chunks(path, chunk_rows: int):
     """(n, D) float32 blocks of an embeddings table, checked like :func:`_as_matrix` (the error names the row)."""
-    from dashclip_core.storage.partitions import iter_arrow
+    from dashclip_core.storage import partitions
 
     seen = 0
-    for batch in iter_arrow(path, chunk_rows, columns=["embedding"]):
-        matrix = _list_matrix(batch.column(0))
+    for batch in partitions.iter_arrow(path, chunk_rows, columns=["embedding"]):
+        matrix = partitions.list_matrix(batch.column(0))
         if matrix.shape[0]:
             try:
                 matrix = _as_matrix(matrix, "embeddings")
@@ -242,24 +242,6 @@ def _table_chunks(path, chunk_rows: int):
                 raise ValueError(f"{path}: rows {seen}..{seen + len(matrix) - 1}: {exc}") from exc
         seen += len(matrix)
         yield matrix
-
-
-def _list_matrix(column) -> np.ndarray:
-    """(N, D) float32 from an Arrow list<float> column of equal-length lists, without a Python object per row."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if len(column) == 0:
-        return np.zeros((0, 0), np.float32)
-    if column.null_count:
-        raise ValueError(f"embeddings: {column.null_count} null embedding(s), first at row {pc.index(pc.is_null(column), True).as_py()}")
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    if (lengths != lengths[0]).any():
-        row = int(np.flatnonzero(lengths != lengths[0])[0])
-        raise ValueError(f"embeddings: row {row} has {lengths[row]} values, row 0 has {lengths[0]}")
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return values.reshape(len(column), int(lengths[0]))
 
 
 def _build(chunks, product_ids: Sequence[str], d: int, cfg: IndexConfig) -> ProductIndex:
@@ -323,7 +305,8 @@ def _build(chunks, product_ids: Sequence[str], d: int, cfg: IndexConfig) -> Prod
     return ProductIndex(index=index, product_ids=product_ids, factory=factory, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
 
 
-def recall_at_k_vs_exact(index: ProductIndex, embeddings: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+def recall_at_k_vs_exact(index: ProductIndex, embeddings: np.ndarray, queries: np.ndarray, k: int = 10,
+                         block_rows: int = 100_000) -> float:
     """Mean share of the exact top-k that ``index`` also returns in its top-k.
 
     The exact answer is every inner product (``faiss.knn``, as ``IndexFlatIP``), block by block with the best k
@@ -334,6 +317,7 @@ def recall_at_k_vs_exact(index: ProductIndex, embeddings: np.ndarray, queries: n
         embeddings: (N, D) the vectors the index was built from, in the same order.
         queries: (Q, D) query vectors.
         k: cut-off; capped at N.
+        block_rows: vectors per exact-search block (bounds the (Q, block) score matrix).
 
     Returns:
         recall@k in [0, 1], averaged over queries.
@@ -348,7 +332,7 @@ def recall_at_k_vs_exact(index: ProductIndex, embeddings: np.ndarray, queries: n
             f"recall_at_k_vs_exact: {embeddings.shape[0]} embeddings but the index holds {index.ntotal}; "
             "pass the vectors the index was built from"
         )
-    return _recall(index, lambda: (embeddings[s:s + 100_000] for s in range(0, len(embeddings), 100_000)), queries, k)
+    return _recall(index, lambda: (embeddings[s:s + block_rows] for s in range(0, len(embeddings), block_rows)), queries, k)
 
 
 def recall_at_k_vs_exact_table(index: ProductIndex, path: str | os.PathLike, queries: np.ndarray, k: int = 10,

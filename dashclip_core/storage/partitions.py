@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
+import numpy as np
 import pandas as pd
 
 PART_GLOB = "part-*.parquet"
@@ -144,3 +145,22 @@ class PartWriter:
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
             self.close()
+
+
+def list_matrix(column) -> np.ndarray:
+    """(N, D) float32 from an Arrow list<float> column of equal-length lists (an embeddings column), without a
+    Python object per row; a null or a row of another length is an error naming the row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(column) == 0:
+        return np.zeros((0, 0), np.float32)
+    if column.null_count:
+        raise ValueError(f"embeddings: {column.null_count} null embedding(s), first at row {pc.index(pc.is_null(column), True).as_py()}")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if (lengths != lengths[0]).any():
+        row = int(np.flatnonzero(lengths != lengths[0])[0])
+        raise ValueError(f"embeddings: row {row} has {lengths[row]} values, row 0 has {lengths[0]}")
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return values.reshape(len(column), int(lengths[0]))

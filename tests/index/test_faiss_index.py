@@ -47,6 +47,15 @@ def test_hnsw_recall_on_clustered_data(clustered) -> None:
     assert recall_at_k_vs_exact(index, points, queries, k=10) >= 0.9
 
 
+def test_exact_recall_does_not_depend_on_the_block_size(clustered) -> None:
+    """The exact top-k is merged across blocks: blocks smaller than k or not dividing N give one search's answer."""
+    points, ids, queries = clustered
+    index = build_index(points, ids, IndexConfig(factory="HNSW32", ef_search=16))
+
+    whole = recall_at_k_vs_exact(index, points, queries, k=10, block_rows=len(points))
+    assert [recall_at_k_vs_exact(index, points, queries, k=10, block_rows=b) for b in (7, 333)] == [whole, whole]
+
+
 def test_ivf_nprobe_is_applied_and_capped_at_nlist(clustered) -> None:
     points, ids, queries = clustered
     index = build_index(points, ids, IndexConfig(factory="IVF8,Flat", nprobe=16))
@@ -153,8 +162,8 @@ def test_index_from_a_partitioned_table_in_chunks_equals_the_in_memory_build(clu
     recall as the build from the whole matrix; no block read above chunk_rows."""
     import pandas as pd
 
-    from dashclip_core.index import faiss_index
     from dashclip_core.index.faiss_index import build_index_from_table, recall_at_k_vs_exact_table
+    from dashclip_core.storage import partitions
     from dashclip_core.storage.partitions import PartWriter
 
     points, ids, queries = clustered
@@ -163,8 +172,8 @@ def test_index_from_a_partitioned_table_in_chunks_equals_the_in_memory_build(clu
         writer.write(pd.DataFrame({"product_id": ids[start:start + 700], "embedding": list(points[start:start + 700])}))
     writer.close()
     blocks = []
-    original = faiss_index._list_matrix
-    monkeypatch.setattr(faiss_index, "_list_matrix", lambda column: blocks.append(len(column)) or original(column))
+    original = partitions.list_matrix
+    monkeypatch.setattr(partitions, "list_matrix", lambda column: blocks.append(len(column)) or original(column))
     cfg = IndexConfig(factory="IVF64,Flat", nprobe=1, train_sample=1300)
 
     from_table = build_index_from_table(tmp_path / "embeddings.parquet", cfg, chunk_rows=300)
