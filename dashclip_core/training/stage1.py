@@ -237,6 +237,39 @@ def parameter_groups(model: nn.Module, cfg: PipelineConfig, lr: float) -> list[d
     ]
 
 
+def image_stem_store_in_ray(cfg: PipelineConfig, products: pd.DataFrame, ray_storage: Path):
+    """:func:`image_stem_store` computed in a one-shot Ray task rather than in the calling (Airflow) process.
+
+    Decoding every photo and running the stem grows the process that does it (torch's pools, the decoder's buffers,
+    glibc arenas that are not returned); in the Airflow worker that memory would stay for the whole of training
+    (the grocery run's peak). The task's worker exits when it is done (``max_calls=1``), giving it back. A store
+    that already covers the products is opened here without starting a task.
+    """
+    import ray
+
+    from dashclip_core.models.image_stem import StemStore
+    from dashclip_core.training.ray_launcher import ensure_ray
+
+    if not cfg.train.stage1_stem_cache:
+        return None
+    with_image = products.loc[products["image_uri"].notna(), ["product_id", "image_uri"]]
+    existing = StemStore.open(ray_storage / IMAGE_STEM, cfg.model)
+    if existing is not None and existing.covers(with_image["product_id"]):
+        return existing
+    ensure_ray(cfg)
+    task = ray.remote(num_cpus=cfg.ray.num_cpus, max_calls=1)(_stem_store_task)
+    built, pid = ray.get(task.remote(cfg.to_dict(), with_image.reset_index(drop=True), str(ray_storage)))
+    logger.info("image stem task done in Ray worker pid %d (the worker exits)", pid)
+    return StemStore(ray_storage / IMAGE_STEM) if built else None
+
+
+def _stem_store_task(cfg_dict: dict, products: pd.DataFrame, ray_storage: str) -> tuple[bool, int]:
+    """(whether a store was built, this worker's pid, logged by the caller)."""
+    import os
+
+    return image_stem_store(PipelineConfig.from_dict(cfg_dict), products, Path(ray_storage)) is not None, os.getpid()
+
+
 def build_stage1(cfg: PipelineConfig) -> Stage1Model:
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
     return Stage1Model(cfg)
@@ -349,7 +382,7 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
     t0 = time.time()
     if cfg.train.stage1_epochs > 0:
         # Scratch, not a step output: it lives beside Ray's checkpoints, so a retry (and the later steps) reuse it.
-        stem = image_stem_store(cfg, products, ray_storage)
+        stem = image_stem_store_in_ray(cfg, products, ray_storage)
         if stem is not None:
             pairs["stem_row"] = [stem.row[p] for p in pairs["product_id"]]
         pairs.to_parquet(pairs_path, index=False)

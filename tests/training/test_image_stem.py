@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -203,3 +204,36 @@ def test_stem_rows_read_what_numpy_saved_in_the_order_asked(tmp_path):
     assert rows[[]].shape == (0, 3, 4, 5)
     with pytest.raises(IndexError, match="stem.npy"):
         rows[[9]]
+
+
+def test_the_stem_built_in_a_ray_task_equals_the_in_process_one_and_its_worker_exits(tmp_path, demo_photos, caplog):
+    """train_stage1 builds the stem in a one-shot Ray task, so decoding every photo does not grow the Airflow process
+    for the rest of training: same rows as the in-process build, the task's worker gone afterwards, and a store that
+    already covers the products is reopened without a task."""
+    import logging
+    import re
+    import time
+
+    import psutil
+    import ray
+
+    from dashclip_core.training.stage1 import image_stem_store, image_stem_store_in_ray
+
+    cfg = lite0(2).with_overrides(**{"ray.num_cpus": 1, **_allowed(demo_photos)})
+    local = image_stem_store(cfg, demo_photos, tmp_path / "local")
+    try:
+        with caplog.at_level(logging.INFO, logger="dashclip_core.training.stage1"):
+            remote = image_stem_store_in_ray(cfg, demo_photos, tmp_path / "ray")
+        assert remote.row == local.row
+        np.testing.assert_array_equal(remote.array[range(len(demo_photos))], local.array[range(len(demo_photos))])
+        pid = int(re.search(r"Ray worker pid (\d+)", caplog.text).group(1))
+        assert pid != os.getpid()
+        deadline = time.time() + 30
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+            time.sleep(0.2)
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, "the stem task's worker is still alive"
+        ray.shutdown()  # a store that already covers the products needs no Ray at all
+        assert image_stem_store_in_ray(cfg, demo_photos, tmp_path / "ray").row == local.row
+        assert not ray.is_initialized()
+    finally:
+        ray.shutdown()
