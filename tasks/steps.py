@@ -187,12 +187,11 @@ def train_stage1(catalog_gate: dict, labels_gate: dict, params: dict | None = No
     paths = run_paths(cfg, run_id)
 
     def body(out):
-        import pandas as pd
 
         from dashclip_core.registry.mlflow_registry import log_metrics
         from dashclip_core.training.stage1 import train_stage1 as fit
 
-        products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
+        products = step_input(cfg, catalog_gate, layout.CatalogGate).clean  # read in catalog.chunk_rows chunks, never whole
         run = mlflow_run(cfg, paths.run_id)
         storage = ray_storage(cfg, paths)
         info = fit(cfg, products, out, storage, "stage1", run)
@@ -211,10 +210,13 @@ def train_stage2(catalog_gate: dict, labels: dict, stage1: dict, params: dict | 
         import pandas as pd
 
         from dashclip_core.registry.mlflow_registry import log_metrics
+        from dashclip_core.storage.partitions import select_rows
         from dashclip_core.training.stage2 import train_stage2 as fit
 
-        products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
         graded = pd.read_parquet(step_input(cfg, labels, layout.Labels).labels)
+        labelled = set(graded["product_id"])  # the anchors: the labelled products, read chunk by chunk, not the catalog
+        products = select_rows(step_input(cfg, catalog_gate, layout.CatalogGate).clean, cfg.catalog.chunk_rows,
+                               lambda chunk: chunk["product_id"].isin(labelled))
         run = mlflow_run(cfg, paths.run_id)
         product_encoder = step_input(cfg, stage1, layout.Stage1).product_encoder
         info = fit(cfg, products, graded, product_encoder, out, ray_storage(cfg, paths), "stage2", run)
@@ -357,7 +359,7 @@ def register_model(catalog: dict, catalog_gate: dict, labels: dict, stage1: dict
         from dashclip_core.storage import read_json
 
         run = mlflow_run(cfg, paths.run_id)
-        products = pd.read_parquet(step_input(cfg, catalog_gate, layout.CatalogGate).clean)
+        products = step_input(cfg, catalog_gate, layout.CatalogGate).clean  # scored in catalog.chunk_rows chunks, never whole
         graded = pd.read_parquet(step_input(cfg, labels, layout.Labels).labels)
         report = read_json(step_input(cfg, evaluation, layout.Evaluation).report)
         tags = {

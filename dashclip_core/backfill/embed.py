@@ -83,7 +83,7 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame | str | Path
 
     from dashclip_core.backfill.incremental import EmbeddingStore, content_keys, model_digest
     from dashclip_core.storage.images import ImagePolicy
-    from dashclip_core.storage.partitions import PartWriter, part_files
+    from dashclip_core.storage.partitions import PartWriter, frame_chunks, part_files
 
     policy = ImagePolicy.for_pipeline(cfg)
     store = None
@@ -96,8 +96,8 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame | str | Path
     out = PartWriter(out_path, _embedding_frame([], np.zeros((0, dim), np.float32)))
     with tempfile.TemporaryDirectory(dir=scratch_root, prefix="run-") as scratch:
         todo = PartWriter(Path(scratch) / "todo")
-        for chunk in _product_chunks(products, cfg.catalog.chunk_rows):
-            chunk = chunk[COLUMNS].reset_index(drop=True)
+        for chunk in frame_chunks(products, cfg.catalog.chunk_rows, columns=COLUMNS):
+            chunk = chunk.reset_index(drop=True)
             n_products += len(chunk)
             keys = content_keys(chunk, policy) if store is not None else [""] * len(chunk)
             found = store.lookup(keys) if store is not None else {}
@@ -127,16 +127,6 @@ def backfill_embeddings(cfg: PipelineConfig, products: pd.DataFrame | str | Path
     logger.info("backfill: %d products, %d embedded, %d reused from the embedding store, %d parts", n_products, n_embedded,
                 n_reused, out.n_parts)
     return {"n_products": n_products, "dim": dim, "n_embedded": n_embedded, "n_reused": n_reused, "n_parts": out.n_parts}
-
-
-def _product_chunks(products, chunk_rows: int):
-    from dashclip_core.storage.partitions import iter_frames
-
-    if isinstance(products, pd.DataFrame):
-        for start in range(0, max(len(products), 1), chunk_rows):
-            yield products.iloc[start:start + chunk_rows]
-    else:
-        yield from iter_frames(products, chunk_rows, columns=COLUMNS)
 
 
 def _embedding_frame(ids: list[str], matrix: np.ndarray) -> pd.DataFrame:

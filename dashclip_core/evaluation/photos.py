@@ -23,15 +23,37 @@ PHOTO_METRIC_PREFIXES = ("zero_shot_", "t2i_")  # keys of photo_metrics: compute
 PREDICTION_COLUMNS = ["product_id"] + [f"{name}_{kind}" for _, name in ZERO_SHOT_LEVELS for kind in ("true", "pred")]
 
 
-def zero_shot_products(products: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
-    """Photos for zero-shot classification: the held-out products (``train.holdout_product_regex``),
-    else the 20% hash test split (:func:`~.categories.hash_test_split`); only products with an image,
-    in snapshot order."""
+def zero_shot_mask(products: pd.DataFrame, cfg: PipelineConfig) -> np.ndarray:
+    """Which rows are photos for zero-shot classification: the held-out products (``train.holdout_product_regex``),
+    else the 20% hash test split (:func:`~.categories.hash_test_split`); only products with an image. Row by row,
+    so a catalog read in chunks gives the same set."""
     if cfg.train.holdout_product_regex:
         mask = products["product_id"].astype(str).str.match(cfg.train.holdout_product_regex).to_numpy()
     else:
         mask = hash_test_split(products["product_id"])
-    return products[mask & products["image_uri"].notna().to_numpy()]
+    return mask & products["image_uri"].notna().to_numpy()
+
+
+def zero_shot_products(products: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
+    """The rows :func:`zero_shot_mask` selects, in snapshot order."""
+    return products[zero_shot_mask(products, cfg)]
+
+
+def held_out_photos(table, cfg: PipelineConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the zero-shot photos, the catalog's classes) of a catalog given as a frame or a parquet path, read
+    ``catalog.chunk_rows`` rows at a time: memory is the photos and the classes, never the catalog.
+
+    The classes frame holds each distinct (``category``, ``aisle``) pair in order of first appearance, which is all
+    :func:`photo_metrics` reads of its ``catalog`` (the class names of each level, a fine class's first coarse class).
+    """
+    from dashclip_core.storage.partitions import frame_chunks
+
+    photos, classes = [], []
+    for chunk in frame_chunks(table, cfg.catalog.chunk_rows):
+        photos.append(chunk[zero_shot_mask(chunk, cfg)])
+        classes.append(chunk[["category", "aisle"]].drop_duplicates())
+    return (pd.concat(photos, ignore_index=True),
+            pd.concat(classes, ignore_index=True).drop_duplicates().reset_index(drop=True))
 
 
 def class_prompt(name: str) -> str:

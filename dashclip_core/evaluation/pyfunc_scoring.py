@@ -11,8 +11,8 @@ import pandas as pd
 
 from dashclip_core.config import PipelineConfig
 from dashclip_core.evaluation.metrics import evaluate_rankings
-from dashclip_core.evaluation.photos import PHOTO_METRIC_PREFIXES, photo_metrics, zero_shot_products
-from dashclip_core.evaluation.ranking import rank_by_embeddings
+from dashclip_core.evaluation.photos import PHOTO_METRIC_PREFIXES, held_out_photos, photo_metrics
+from dashclip_core.evaluation.ranking import RunningTopK
 from dashclip_core.storage.images import ImagePolicy
 
 
@@ -61,14 +61,15 @@ def predict_products(model, products: pd.DataFrame, images=None) -> pd.DataFrame
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"product_id": [], "embedding": []})
 
 
-def photo_metrics_via_pyfunc(model, cfg: PipelineConfig, products: pd.DataFrame) -> dict:
+def photo_metrics_via_pyfunc(model, cfg: PipelineConfig, products) -> dict:
     """Zero-shot and text -> image metrics of a loaded pyfunc on this run's held-out photos
     (image-only products against class-name queries), as :func:`~.photos.photo_metrics` defines them.
+    ``products``: the clean catalog, a frame or a parquet path (read in ``catalog.chunk_rows`` chunks).
 
     Raises:
         ValueError: the run has no held-out photos.
     """
-    photos = zero_shot_products(products, cfg)
+    photos, classes = held_out_photos(products, cfg)
     if photos.empty:
         raise ValueError("no held-out photos to score zero-shot / text -> image metrics on")
     prod_in = pd.DataFrame({"product_id": photos["product_id"].to_numpy(), "title": None, "description": None,
@@ -78,23 +79,32 @@ def photo_metrics_via_pyfunc(model, cfg: PipelineConfig, products: pd.DataFrame)
     def embed_text(texts: list[str]) -> np.ndarray:
         return _embeddings(model.predict(pd.DataFrame({"query_id": texts, "query": texts})))
 
-    return photo_metrics(image_emb, embed_text, photos, products, cfg.evaluation.ks)[1]
+    return photo_metrics(image_emb, embed_text, photos, classes, cfg.evaluation.ks)[1]
 
 
-def score_model_uri(model_uri: str, cfg: PipelineConfig, products: pd.DataFrame, judgments: pd.DataFrame, metric: str) -> float:
+def score_model_uri(model_uri: str, cfg: PipelineConfig, products, judgments: pd.DataFrame, metric: str) -> float:
     """Score a registered model (e.g. the current champion) on this run's eval set, through its pyfunc.
 
     ``metric`` is a catalog-search metric of the eval queries (``ndcg@10``, ...) or, for catalogs whose
     value is in the photos (``registry.promotion_metric: zero_shot_fine_top1`` / ``t2i_ndcg@10``), one
-    computed on the held-out photos."""
+    computed on the held-out photos. ``products``: the clean catalog, a frame or a parquet path; it is embedded
+    and ranked ``catalog.chunk_rows`` products at a time (a running top-k per query), never held whole."""
     import mlflow
+
+    from dashclip_core.storage.partitions import frame_chunks
 
     model = mlflow.pyfunc.load_model(model_uri)
     if metric.startswith(PHOTO_METRIC_PREFIXES):
         return float(photo_metrics_via_pyfunc(model, cfg, products)[metric])
     queries = sorted(judgments["query"].unique())
-    p = predict_products(model, products[["product_id", "title", "description", "image_uri"]], ImagePolicy.for_pipeline(cfg))
     q_emb = _embeddings(model.predict(pd.DataFrame({"query_id": queries, "query": queries})))
-    rankings = dict(zip(queries, rank_by_embeddings(q_emb, _embeddings(p), p["product_id"].tolist(), max(cfg.evaluation.ks))))
-    m = evaluate_rankings(rankings, judgments, ks=cfg.evaluation.ks, min_relevant_label=cfg.evaluation.min_relevant_label)
+    top = RunningTopK(len(queries), max(cfg.evaluation.ks))
+    offset = 0
+    for chunk in frame_chunks(products, cfg.catalog.chunk_rows, columns=["product_id", "title", "description", "image_uri"]):
+        if len(chunk):
+            p = predict_products(model, chunk, ImagePolicy.for_pipeline(cfg))
+            top.add(q_emb @ _embeddings(p).T, offset, p["product_id"].to_numpy(object))
+            offset += len(chunk)
+    m = evaluate_rankings(dict(zip(queries, top.ranked_ids())), judgments, ks=cfg.evaluation.ks,
+                          min_relevant_label=cfg.evaluation.min_relevant_label)
     return float(m[metric])

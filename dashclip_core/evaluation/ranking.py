@@ -9,15 +9,47 @@ QUERY_BLOCK = 256  # queries scored at once
 PRODUCT_BLOCK = 65_536  # products scored at once: a (256, 65536) float32 block is 64 MiB at any catalog size
 
 
+class RunningTopK:
+    """Each query's ``k`` best products over blocks of scores seen one at a time, ties broken by position.
+
+    Within a block, ``argpartition`` finds each query's k-th best score ``t``; every product scoring ``>= t`` is a
+    candidate (all tied products, so ties still go to the lowest position), merged with the running list by
+    (score descending, position ascending): the same answer as one stable sort of all scores, in O(block + Q * k)
+    memory. A block's product ids ride along, so a caller streaming a catalog never holds its id list.
+    """
+
+    def __init__(self, n_queries: int, k: int) -> None:
+        self.k = k
+        self.scores = [np.empty(0, np.float64) for _ in range(n_queries)]
+        self.positions = [np.empty(0, np.int64) for _ in range(n_queries)]
+        self.product_ids = [np.empty(0, object) for _ in range(n_queries)]
+
+    def add(self, scores: np.ndarray, offset: int, product_ids) -> None:
+        """``scores`` (Q, c): every query against products ``offset .. offset + c - 1`` (ids ``product_ids``)."""
+        c = scores.shape[1]
+        if c == 0 or self.k < 1:
+            return
+        ids = np.asarray(product_ids, dtype=object)
+        kk = min(self.k, c)
+        kth = np.partition(scores, c - kk, axis=1)[:, c - kk]  # (Q,) k-th best per query
+        for r in range(len(scores)):
+            cand = np.flatnonzero(scores[r] >= kth[r])  # >= k positions: the block's top-k and all ties with it
+            s = np.concatenate([self.scores[r], scores[r, cand]])
+            pos = np.concatenate([self.positions[r], cand + offset])
+            pid = np.concatenate([self.product_ids[r], ids[cand]])
+            order = np.lexsort((pos, -s))[: self.k]  # score descending, then position ascending
+            self.scores[r], self.positions[r], self.product_ids[r] = s[order], pos[order], pid[order]
+
+    def ranked_ids(self) -> list[list[str]]:
+        return [row.tolist() for row in self.product_ids]
+
+
 def rank_by_embeddings(query_emb: np.ndarray, product_emb: np.ndarray, product_ids: list[str], k: int,
                        query_block: int = QUERY_BLOCK, product_block: int = PRODUCT_BLOCK) -> list[list[str]]:
     """Exact inner-product top-k (unit vectors: cosine), ties broken by position, in bounded memory.
 
-    Scores one (``query_block``, ``product_block``) block at a time and keeps a running top-k per query,
-    so memory is O(block + Q * k), not O(Q * N): a 1M-product catalog never materialises a (Q, N) matrix.
-    Within a block, ``argpartition`` finds each query's k-th best score ``t``; every product scoring ``>= t``
-    is a candidate (all tied products, so ties still go to the lowest position), merged with the running
-    list by (score descending, position ascending): the same answer as a full stable sort.
+    Scores one (``query_block``, ``product_block``) block at a time into a :class:`RunningTopK`, so memory is
+    O(block + Q * k), not O(Q * N): a 1M-product catalog never materialises a (Q, N) matrix.
 
     Args:
         query_emb: (Q, D) query embeddings.
@@ -29,25 +61,13 @@ def rank_by_embeddings(query_emb: np.ndarray, product_emb: np.ndarray, product_i
         Q lists of product ids, best first.
     """
     n = product_emb.shape[0]
-    k = min(k, n)
     out: list[list[str]] = []
-    if k < 1:
-        return [[] for _ in range(len(query_emb))]
     for q0 in range(0, len(query_emb), query_block):
         queries = np.asarray(query_emb[q0 : q0 + query_block])  # (q, D)
-        best_scores = [np.empty(0, np.float64) for _ in range(len(queries))]
-        best_pos = [np.empty(0, np.int64) for _ in range(len(queries))]
+        top = RunningTopK(len(queries), min(k, n))
         for p0 in range(0, n, product_block):
-            scores = queries @ np.asarray(product_emb[p0 : p0 + product_block]).T  # (q, c)
-            kk = min(k, scores.shape[1])
-            kth = np.partition(scores, scores.shape[1] - kk, axis=1)[:, scores.shape[1] - kk]  # (q,) k-th best per query
-            for r in range(len(queries)):
-                cand = np.flatnonzero(scores[r] >= kth[r])  # >= k positions: the block's top-k and all ties with it
-                s = np.concatenate([best_scores[r], scores[r, cand]])
-                pos = np.concatenate([best_pos[r], cand + p0])
-                order = np.lexsort((pos, -s))[:k]  # score descending, then position ascending
-                best_scores[r], best_pos[r] = s[order], pos[order]
-        out.extend([product_ids[i] for i in row] for row in best_pos)
+            top.add(queries @ np.asarray(product_emb[p0 : p0 + product_block]).T, p0, product_ids[p0 : p0 + product_block])
+        out.extend(top.ranked_ids())
     return out
 
 

@@ -231,6 +231,12 @@ def load_blip(source: str, with_weights: bool):
     return BlipForImageTextRetrieval(BlipConfig.from_pretrained(source))
 
 
+def has_frozen_stem(cfg: ImageTowerConfig) -> bool:
+    """Whether :func:`build_image_tower` gives a tower with a frozen, cacheable stem (``frozen_stem``), from the
+    config alone (no weights loaded): an EfficientNet-Lite with ``freeze_backbone``."""
+    return cfg.backbone in EFFICIENTNET_WEIGHTS and cfg.freeze_backbone
+
+
 def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
     if cfg.backbone in EFFICIENTNET_WEIGHTS:
         return EfficientNetLiteTower(cfg)

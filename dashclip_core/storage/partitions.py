@@ -68,6 +68,26 @@ def iter_arrow(path: str | Path, chunk_rows: int, columns: list[str] | None = No
                 yield batch
 
 
+def frame_chunks(table: pd.DataFrame | str | Path, chunk_rows: int, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+    """A table given as a frame (tests, small callers) or as a parquet path / folder of parts, ``chunk_rows`` rows
+    at a time (:func:`iter_frames` for a path). An empty table yields one empty frame."""
+    if not isinstance(table, pd.DataFrame):
+        yield from iter_frames(table, chunk_rows, columns=columns)
+        return
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    frame = table if columns is None else table[columns]
+    for start in range(0, max(len(frame), 1), chunk_rows):
+        yield frame.iloc[start:start + chunk_rows]
+
+
+def select_rows(table: pd.DataFrame | str | Path, chunk_rows: int, keep, columns: list[str] | None = None) -> pd.DataFrame:
+    """The rows of ``table`` for which ``keep(chunk)`` (a boolean mask per chunk) is true, in table order, read one
+    chunk at a time: memory is one chunk plus the rows kept (a labelled subset, the held-out photos), not the table."""
+    kept = [chunk[np.asarray(keep(chunk), bool)] for chunk in frame_chunks(table, chunk_rows, columns=columns)]
+    return pd.concat(kept, ignore_index=True) if len(kept) > 1 else kept[0].reset_index(drop=True)
+
+
 def count_rows(path: str | Path) -> int:
     """Rows of a table from the parquet footers (no data read)."""
     import pyarrow.parquet as pq

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +41,63 @@ logger = logging.getLogger(__name__)
 STAGE1_DATA_COLUMNS = ("product_id", "title", "description", "image_uri", "group_id")  # what a stage-1 run is trained from
 
 
+def text_group_ids(keys) -> np.ndarray:
+    """A 63-bit id per product text (lowercased): equal texts get equal ids in any chunk of any catalog, so groups
+    need no pass over the whole catalog to be numbered. Two different texts share an id with probability about
+    n^2 / 2^64 (5e-4 at 1e8 distinct texts); they would then count as each other's positives."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") >> 1 for k in keys],
+                    dtype=np.int64)
+
+
 def stage1_pairs(products: pd.DataFrame) -> pd.DataFrame:
     """Products with both an image and text (ITC/ITM need pairs), with an integer ``group_id``.
 
     Items with identical product text share a group and are each other's positives in ITC and never
     ITM negatives: a catalog lists the same item many times (sizes, sellers, photos of one class).
+    Row by row (:func:`text_group_ids`), so a catalog read in chunks gives the same pairs.
     """
     text = [product_text(t, d) for t, d in zip(products["title"], products["description"])]
-    keep = products["image_uri"].notna().to_numpy() & np.array([t is not None for t in text])
+    keep = products["image_uri"].notna().to_numpy() & np.array([t is not None for t in text], dtype=bool)
     pairs = products.loc[keep, ["product_id", "title", "description", "image_uri"]].reset_index(drop=True)
-    keys = [product_text(t, d).lower() for t, d in zip(pairs["title"], pairs["description"])]
-    pairs["group_id"] = pd.factorize(pd.Series(keys))[0].astype(np.int64)
+    pairs["group_id"] = text_group_ids([t.lower() for t, k in zip(text, keep) if k])
     return pairs
+
+
+@dataclass(frozen=True)
+class PairsTable:
+    """The stage-1 pairs written as parts: where, how many, how many text groups, and their digest."""
+
+    path: Path
+    n_pairs: int
+    n_groups: int
+    digest: str
+
+
+def write_stage1_pairs(cfg: PipelineConfig, products, path: Path) -> PairsTable:
+    """:func:`stage1_pairs` of the trainable products, ``catalog.chunk_rows`` catalog rows at a time, into a folder of
+    parts at ``path``. ``products``: the clean catalog (a parquet path or a frame). Memory: one chunk and the group ids."""
+    import hashlib
+
+    from dashclip_core.storage.partitions import PartWriter, frame_chunks
+
+    empty = pd.DataFrame({c: pd.Series(dtype=object) for c in STAGE1_DATA_COLUMNS[:-1]}).assign(group_id=pd.Series(dtype=np.int64))
+    # The digest is checkpoints.frame_digest of the whole pairs table, streamed: each chunk's JSON rows without the
+    # outer brackets, joined by commas, inside one pair of brackets (the same bytes whatever the chunking).
+    digest, groups, n = hashlib.sha256(b"["), [], 0
+    with PartWriter(path, empty) as writer:
+        for chunk in frame_chunks(products, cfg.catalog.chunk_rows, columns=list(STAGE1_DATA_COLUMNS[:-1])):
+            pairs = stage1_pairs(trainable_products(chunk, cfg))
+            if len(pairs):
+                writer.write(pairs)
+                rows = pairs[list(STAGE1_DATA_COLUMNS)].to_json(orient="values", date_format="iso")[1:-1]
+                digest.update((b"," if n else b"") + rows.encode())
+                groups.append(pairs["group_id"].to_numpy())
+                n += len(pairs)
+    digest.update(b"]")
+    n_groups = len(np.unique(np.concatenate(groups))) if groups else 0
+    return PairsTable(path, n, n_groups, digest.hexdigest())
 
 
 def trainable_products(products: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
@@ -248,10 +294,11 @@ def image_stem_store_in_ray(cfg: PipelineConfig, products: pd.DataFrame, ray_sto
     import ray
 
     from dashclip_core.models.image_stem import StemStore
+    from dashclip_core.models.towers import has_frozen_stem
     from dashclip_core.training.ray_launcher import ensure_ray
 
-    if not cfg.train.stage1_stem_cache:
-        return None
+    if not (cfg.train.stage1_stem_cache and has_frozen_stem(cfg.model.image)):
+        return None  # no task for a tower without a frozen stem
     with_image = products.loc[products["image_uri"].notna(), ["product_id", "image_uri"]]
     existing = StemStore.open(ray_storage / IMAGE_STEM, cfg.model)
     if existing is not None and existing.covers(with_image["product_id"]):
@@ -342,69 +389,83 @@ def stage1_worker(config: dict) -> None:
 # ---- launcher ----------------------------------------------------------------------------------
 
 
-def examples_dataset(cfg: PipelineConfig, frame: pd.DataFrame):
-    """A stage's examples as a Ray Data dataset with a ``row`` column (position in ``frame``), in blocks of at
-    most ``catalog.chunk_rows`` rows in Ray's object store: workers on any node stream it (no shared disk)."""
+def examples_dataset(cfg: PipelineConfig, examples, add=None):
+    """A stage's examples as a Ray Data dataset with a ``row`` column (position in the table), in blocks of at most
+    ``catalog.chunk_rows`` rows in Ray's object store: workers on any node stream it (no shared disk).
+
+    ``examples``: a frame or a parquet path / folder of parts, put into the object store one chunk at a time, so the
+    caller holds one chunk, never the table. ``add(chunk) -> chunk`` may add columns on the way (stage 1's stem rows).
+    """
+    import ray
     import ray.data
 
+    from dashclip_core.storage.partitions import frame_chunks
     from dashclip_core.training.ray_launcher import ensure_ray
 
     ensure_ray(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    frame = frame.reset_index(drop=True).assign(row=np.arange(len(frame), dtype=np.int64))
-    chunk = max(1, cfg.catalog.chunk_rows)
-    return ray.data.from_pandas([frame.iloc[s:s + chunk] for s in range(0, max(len(frame), 1), chunk)])
+    refs, offset = [], 0
+    for chunk in frame_chunks(examples, max(1, cfg.catalog.chunk_rows)):
+        chunk = chunk.reset_index(drop=True).assign(row=np.arange(offset, offset + len(chunk), dtype=np.int64))
+        refs.append(ray.put(add(chunk) if add is not None else chunk))
+        offset += len(chunk)
+    return ray.data.from_pandas_refs(refs)
 
 
-def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray_storage: Path, ray_name: str, mlflow_run: dict) -> dict:
+def train_stage1(cfg: PipelineConfig, products, out_dir: Path, ray_storage: Path, ray_name: str, mlflow_run: dict) -> dict:
     """Train the product encoder under Ray; write ``out_dir/product_encoder`` and return small metrics.
 
     Args:
         cfg: resolved config.
-        products: validated catalog snapshot.
+        products: validated catalog snapshot: the clean parts' path (read ``catalog.chunk_rows`` rows at a time,
+            never whole) or a frame.
         out_dir: local staging folder of the step.
         ray_storage / ray_name: identify the Ray run (a retry with the same pair resumes).
         mlflow_run: {"tracking_uri", "run_id"} for per-step curves.
     """
-    from dashclip_core.training.checkpoints import frame_digest, stage_fingerprint
+    from dashclip_core.storage.partitions import select_rows
+    from dashclip_core.training.checkpoints import stage_fingerprint
     from dashclip_core.training.precision import autocast_dtype
     from dashclip_core.training.ray_launcher import fit, read_checkpoint
 
     autocast_dtype(cfg.train.amp, "cuda")  # an unknown train.amp fails here, before Ray starts
-    pairs = stage1_pairs(trainable_products(products, cfg))
-    if len(pairs) < cfg.train.stage1_batch_size:
+    outputs = Stage1(out_dir)
+    pairs = write_stage1_pairs(cfg, products, outputs.pairs)
+    if pairs.n_pairs < cfg.train.stage1_batch_size:
         raise ValueError(
             f"stage1 needs at least train.stage1_batch_size={cfg.train.stage1_batch_size} products with image and text, "
-            f"the snapshot has {len(pairs)}"
+            f"the snapshot has {pairs.n_pairs}"
         )
-    outputs = Stage1(out_dir)
-    pairs_path = outputs.pairs
     t0 = time.time()
     if cfg.train.stage1_epochs > 0:
         # Scratch, not a step output: it lives beside Ray's checkpoints, so a retry (and the later steps) reuse it.
-        stem = image_stem_store_in_ray(cfg, products, ray_storage)
-        if stem is not None:
-            pairs["stem_row"] = [stem.row[p] for p in pairs["product_id"]]
-        pairs.to_parquet(pairs_path, index=False)
-        worker_config = {"pipeline": cfg.to_dict(), "n_pairs": len(pairs), "mlflow": mlflow_run, "stem_cache": f"{stem.path}.npy" if stem else ""}
+        # Every photo of the catalog (held-out ones too: the backfill and evaluate reuse the store).
+        photos = select_rows(products, cfg.catalog.chunk_rows, lambda chunk: chunk["image_uri"].notna(),
+                             columns=["product_id", "image_uri"])
+        stem = image_stem_store_in_ray(cfg, photos, ray_storage)
+        del photos
+
+        def with_stem_rows(chunk: pd.DataFrame) -> pd.DataFrame:
+            return chunk.assign(stem_row=np.array([stem.row[p] for p in chunk["product_id"]], np.int64)) if stem else chunk
+
+        worker_config = {"pipeline": cfg.to_dict(), "n_pairs": pairs.n_pairs, "mlflow": mlflow_run, "stem_cache": f"{stem.path}.npy" if stem else ""}
         # What the checkpoints are trained from: a retry resumes them only when this is unchanged. The photos
         # count by their URI (their bytes are not hashed); the stem cache is a function of them and model.image.
-        fingerprint = stage_fingerprint(cfg, "stage1", {"pairs": frame_digest(pairs, list(STAGE1_DATA_COLUMNS))})
+        fingerprint = stage_fingerprint(cfg, "stage1", {"pairs": pairs.digest})
         result = fit(stage1_worker, worker_config, cfg, ray_name, ray_storage, fingerprint, "stage1",
-                     datasets={"pairs": examples_dataset(cfg, pairs)})
+                     datasets={"pairs": examples_dataset(cfg, pairs.path, add=with_stem_rows)})
         state = read_checkpoint(result)
         final_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         precision = result.metrics.get("precision", "fp32")
     else:  # zero epochs: the untrained (initial) encoder, still a real model
-        pairs.to_parquet(pairs_path, index=False)
         state = {"model": build_stage1(cfg).state_dict()}
         final_metrics, precision = {}, None
     model = build_stage1(cfg)
     model.load_state_dict(state["model"])
     save_encoder(model.encoder, cfg.model, outputs.product_encoder)
     info = {
-        "n_pairs": len(pairs),
-        "n_groups": int(pairs["group_id"].nunique()),
+        "n_pairs": pairs.n_pairs,
+        "n_groups": pairs.n_groups,
         "train_seconds": round(time.time() - t0, 1),
         **{f"final_{k}": v for k, v in final_metrics.items()},
         "precision": precision,
@@ -412,4 +473,3 @@ def train_stage1(cfg: PipelineConfig, products: pd.DataFrame, out_dir: Path, ray
     }
     outputs.metrics.write_text(json.dumps(info, indent=2))
     return info
-

@@ -174,7 +174,10 @@ def anchor_embeddings(encoder, cfg: PipelineConfig, products: pd.DataFrame, ray_
 
 def train_stage2(cfg: PipelineConfig, products: pd.DataFrame, labels: pd.DataFrame, stage1_dir: Path, out_dir: Path,
                  ray_storage: Path, ray_name: str, mlflow_run: dict) -> dict:
-    """Embed the anchor products with the frozen stage-1 encoder, train the query encoder, write ``out_dir/query_encoder``."""
+    """Embed the anchor products with the frozen stage-1 encoder, train the query encoder, write ``out_dir/query_encoder``.
+
+    ``products``: catalog rows covering the labelled products (the task passes exactly those, read chunk by chunk;
+    the rest of the catalog plays no part in stage 2), in catalog order."""
     from dashclip_core.training.checkpoints import file_digest, frame_digest, stage_fingerprint
     from dashclip_core.training.precision import autocast_dtype
     from dashclip_core.training.ray_launcher import fit, read_checkpoint

@@ -64,3 +64,34 @@ def test_pyfunc_photo_metrics_equal_the_reports(tiny_run) -> None:
     in_report = {k: v for k, v in report["systems"]["dashclip"].items() if k.startswith(PHOTO_METRIC_PREFIXES)}
     assert "zero_shot_fine_top1" in in_report and "t2i_ndcg@10" in in_report
     assert via_pyfunc == pytest.approx(in_report, abs=1e-6)
+
+
+def test_held_out_photos_read_in_chunks_score_as_the_whole_catalog(tmp_path) -> None:
+    """register_model scores the champion's photo metrics from the clean parts read in chunks: the photos and the
+    class table it keeps give the same metrics as the whole catalog frame."""
+    from dashclip_core.config import PipelineConfig
+    from dashclip_core.evaluation.photos import held_out_photos, zero_shot_products
+    from dashclip_core.storage.partitions import PartWriter
+
+    rng = np.random.default_rng(0)
+    fine = {"gala": "apple", "fuji": "apple", "oat-milk": "milk", "soy-milk": "milk", "kiwi": "kiwi"}
+    rows = [(f"g-{'val' if i % 3 == 0 else 'train'}-{i}", c, fine[c], f"/p/{i}.jpg" if i % 7 else None)
+            for i, c in enumerate(rng.choice(sorted(fine), 60))]
+    catalog = pd.DataFrame(rows, columns=["product_id", "category", "aisle", "image_uri"])
+    with PartWriter(tmp_path / "clean.parquet") as writer:
+        for start in range(0, len(catalog), 8):
+            writer.write(catalog.iloc[start:start + 8])
+    cfg = PipelineConfig().with_overrides(**{"catalog.chunk_rows": 5, "train.holdout_product_regex": "^g-val-"})
+
+    photos, classes = held_out_photos(tmp_path / "clean.parquet", cfg)
+
+    expected = zero_shot_products(catalog, cfg).reset_index(drop=True)
+    assert photos["product_id"].tolist() == expected["product_id"].tolist() and len(photos) > 5
+    assert len(classes) == len(fine)
+    emb = rng.standard_normal((len(photos), 4))
+    vocab = {}
+
+    def embed_text(texts):
+        return np.stack([np.random.default_rng(vocab.setdefault(t, len(vocab))).standard_normal(4) for t in texts])
+
+    assert photo_metrics(emb, embed_text, photos, classes, (10,))[1] == photo_metrics(emb, embed_text, expected, catalog, (10,))[1]

@@ -40,3 +40,19 @@ def test_a_memory_mapped_catalog_is_read_block_by_block(tmp_path):
 
     assert rank_by_embeddings(queries, mapped, ids, 10, product_block=128) == full_sort(queries, products, ids, 10)
     assert rank_by_embeddings(queries, products[:0], [], 10) == [[], [], [], []]
+
+
+def test_a_running_top_k_over_streamed_chunks_with_their_own_ids_equals_the_full_sort():
+    """score_model_uri embeds a catalog chunk by chunk and never holds its id list: the blocks bring their ids."""
+    from dashclip_core.evaluation.ranking import RunningTopK
+
+    rng = np.random.default_rng(2)
+    products = rng.integers(-2, 3, (97, 5)).astype(np.float32)
+    products[50:70] = products[3]  # ties across chunks
+    queries = np.concatenate([products[[3]], rng.integers(-2, 3, (6, 5)).astype(np.float32)])
+    ids = [f"p{i:03d}" for i in range(len(products))]
+    top = RunningTopK(len(queries), 10)
+    for start in range(0, len(products), 13):
+        top.add(queries @ products[start:start + 13].T, start, ids[start:start + 13])
+    top.add(queries @ products[:0].T, len(products), [])  # an empty chunk changes nothing
+    assert top.ranked_ids() == full_sort(queries, products, ids, 10)

@@ -68,6 +68,14 @@ def test_stem_then_tail_equals_the_whole_tower_and_gradients_stop_at_the_stem():
     assert enc.image_tower.backbone._blocks[0]._project_conv.weight.grad is None
 
 
+@pytest.mark.parametrize("cfg", [lite0(2), lite0(0, freeze=False), PipelineConfig.from_file("configs/tiny.yaml")], ids=["frozen", "trainable", "vit"])
+def test_the_config_alone_tells_whether_a_tower_has_a_frozen_stem(cfg):
+    """train_stage1 decides whether to start the stem task from the config, without building the model."""
+    from dashclip_core.models.towers import has_frozen_stem
+
+    assert has_frozen_stem(cfg.model.image) == build_stage1(cfg).encoder.has_frozen_image_stem
+
+
 def test_a_fully_trainable_tower_has_no_frozen_stem():
     enc = build_stage1(lite0(0, freeze=False)).encoder
     assert not enc.has_frozen_image_stem

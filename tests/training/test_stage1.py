@@ -96,7 +96,39 @@ def test_stage1_pairs_groups_identical_text():
     })
     pairs = stage1_pairs(products)
     assert pairs["product_id"].tolist() == ["a", "b"]  # c has no image, d no text
-    assert pairs["group_id"].nunique() == 1
+    assert pairs["group_id"].nunique() == 1 and (pairs["group_id"] >= 0).all()  # >= 0: the momentum queue's rule
+
+
+def test_stage1_pairs_written_chunk_by_chunk_equal_the_whole_catalogs(tiny_config, tmp_path):
+    """train_stage1 reads the clean parts one chunk at a time: the pairs it writes are those of the whole frame, and
+    a text's group id does not depend on the chunk it fell in (identical texts far apart still share a group)."""
+    from dashclip_core.storage.partitions import PartWriter, count_rows
+    from dashclip_core.training.stage1 import write_stage1_pairs
+
+    rng = np.random.default_rng(0)
+    titles = rng.choice(["Oat milk", "oat MILK", "Bread", "Kiwi", "Gala apple"], 50)
+    products = pd.DataFrame({"product_id": [f"g-{'val' if i % 9 == 0 else 'train'}-{i}" for i in range(50)], "title": titles,
+                             "description": [None] * 50, "image_uri": [None if i % 11 == 0 else f"{i}.png" for i in range(50)]})
+    with PartWriter(tmp_path / "clean.parquet") as writer:
+        for start in range(0, 50, 16):
+            writer.write(products.iloc[start:start + 16])
+    cfg = PipelineConfig.from_file(tiny_config).with_overrides(**{"catalog.chunk_rows": 7, "train.holdout_product_regex": "^g-val-"})
+
+    table = write_stage1_pairs(cfg, tmp_path / "clean.parquet", tmp_path / "pairs.parquet")
+
+    from dashclip_core.training.stage1 import trainable_products
+
+    whole = stage1_pairs(trainable_products(products, cfg))
+    got = pd.read_parquet(table.path)
+    assert got.drop(columns="group_id").equals(whole.drop(columns="group_id"))
+    assert got["group_id"].tolist() == whole["group_id"].tolist()
+    assert table.n_pairs == len(whole) == count_rows(table.path) and table.n_groups == 4  # oat milk in either case is one
+    assert not got["product_id"].str.startswith("g-val-").any()
+    from dashclip_core.training.checkpoints import frame_digest
+
+    again = write_stage1_pairs(cfg.with_overrides(**{"catalog.chunk_rows": 5}), products, tmp_path / "again.parquet")
+    # What the checkpoints' fingerprint records: the whole table's digest, whatever the chunks or the parts.
+    assert again.digest == table.digest == frame_digest(whole, ["product_id", "title", "description", "image_uri", "group_id"])
 
 
 def test_holdout_products_are_never_trained_on(tiny_config):
