@@ -304,7 +304,9 @@ def image_stem_store_in_ray(cfg: PipelineConfig, products: pd.DataFrame, ray_sto
     if existing is not None and existing.covers(with_image["product_id"]):
         return existing
     ensure_ray(cfg)
-    task = ray.remote(num_cpus=cfg.ray.num_cpus, max_calls=1)(_stem_store_task)
+    # One CPU reserved (as a training worker does) while the task runs ray.num_cpus torch threads: a reservation of
+    # ray.num_cpus could never be placed on a cluster node with fewer CPUs.
+    task = ray.remote(num_cpus=1, max_calls=1)(_stem_store_task)
     built, pid = ray.get(task.remote(cfg.to_dict(), with_image.reset_index(drop=True), str(ray_storage)))
     logger.info("image stem task done in Ray worker pid %d (the worker exits)", pid)
     return StemStore(ray_storage / IMAGE_STEM) if built else None

@@ -99,6 +99,29 @@ def test_stage1_pairs_groups_identical_text():
     assert pairs["group_id"].nunique() == 1 and (pairs["group_id"] >= 0).all()  # >= 0: the momentum queue's rule
 
 
+@pytest.mark.parametrize("momentum", [False, True])
+def test_group_ids_are_labels_only_hashed_or_numbered_the_loss_is_the_same(tiny_config, momentum):
+    """stage1_pairs hashes texts into 63-bit group ids (it used to number them 0..G-1): ITC targets, ITM negatives
+    and the momentum queue compare ids for equality only, so any one-to-one relabelling gives the same step."""
+    from dashclip_core.training.stage1 import text_group_ids
+
+    cfg = PipelineConfig.from_file(tiny_config).with_overrides(
+        **({"loss.momentum_distillation": True, "loss.queue_size": 8} if momentum else {}))
+    b, s = 6, cfg.model.image.image_size
+    torch.manual_seed(0)
+    pixels, ids = torch.randn(b, 3, s, s), torch.randint(1000, 2000, (b, 7))
+    mask = torch.ones(b, 7, dtype=torch.long)
+    numbered = torch.tensor([0, 0, 1, 2, 3, 1])
+    hashed = torch.as_tensor(text_group_ids(["oat milk", "oat milk", "bread", "kiwi", "gala", "bread"]))
+    assert (hashed >= 0).all() and len(set(hashed.tolist())) == 4
+    losses = []
+    for groups in (numbered, hashed):
+        model = build_stage1(cfg).train()
+        torch.manual_seed(1)  # dropout
+        losses.append(model(pixels, ids, mask, groups, torch.Generator().manual_seed(0), alpha=0.4)[0].item())
+    assert losses[0] == losses[1]
+
+
 def test_stage1_pairs_written_chunk_by_chunk_equal_the_whole_catalogs(tiny_config, tmp_path):
     """train_stage1 reads the clean parts one chunk at a time: the pairs it writes are those of the whole frame, and
     a text's group id does not depend on the chunk it fell in (identical texts far apart still share a group)."""
