@@ -236,10 +236,17 @@ def test_the_stem_built_in_a_ray_task_equals_the_in_process_one_and_its_worker_e
         np.testing.assert_array_equal(remote.array[range(len(demo_photos))], local.array[range(len(demo_photos))])
         pid = int(re.search(r"Ray worker pid (\d+)", caplog.text).group(1))
         assert pid != os.getpid()
+
+        def alive(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:  # gone (also between a check and a read: no pid_exists-then-Process race)
+                return False
+
         deadline = time.time() + 30
-        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        while alive(pid) and time.time() < deadline:
             time.sleep(0.2)
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, "the stem task's worker is still alive"
+        assert not alive(pid), "the stem task's worker is still alive"
         ray.shutdown()  # a store that already covers the products needs no Ray at all
         assert image_stem_store_in_ray(cfg, demo_photos, tmp_path / "ray").row == local.row
         assert not ray.is_initialized()
