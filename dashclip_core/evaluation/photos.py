@@ -49,7 +49,7 @@ def held_out_photos(table, cfg: PipelineConfig) -> tuple[pd.DataFrame, pd.DataFr
     from dashclip_core.storage.partitions import frame_chunks
 
     photos, classes = [], []
-    for chunk in frame_chunks(table, cfg.catalog.chunk_rows):
+    for chunk in frame_chunks(table, cfg.catalog.chunk_rows, columns=["product_id", "category", "aisle", "image_uri"]):
         photos.append(chunk[zero_shot_mask(chunk, cfg)])
         classes.append(chunk[["category", "aisle"]].drop_duplicates())
     return (pd.concat(photos, ignore_index=True),

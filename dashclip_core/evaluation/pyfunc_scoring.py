@@ -99,10 +99,11 @@ def score_model_uri(model_uri: str, cfg: PipelineConfig, products, judgments: pd
     queries = sorted(judgments["query"].unique())
     q_emb = _embeddings(model.predict(pd.DataFrame({"query_id": queries, "query": queries})))
     top = RunningTopK(len(queries), max(cfg.evaluation.ks))
+    images = ImagePolicy.for_pipeline(cfg)
     offset = 0
     for chunk in frame_chunks(products, cfg.catalog.chunk_rows, columns=["product_id", "title", "description", "image_uri"]):
         if len(chunk):
-            p = predict_products(model, chunk, ImagePolicy.for_pipeline(cfg))
+            p = predict_products(model, chunk, images)
             top.add(q_emb @ _embeddings(p).T, offset, p["product_id"].to_numpy(object))
             offset += len(chunk)
     m = evaluate_rankings(dict(zip(queries, top.ranked_ids())), judgments, ks=cfg.evaluation.ks,

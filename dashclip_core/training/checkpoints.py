@@ -87,7 +87,27 @@ def stage_fingerprint(cfg: PipelineConfig, stage: str, data: dict[str, str]) -> 
 
 def frame_digest(frame: pd.DataFrame, columns: list[str]) -> str:
     """sha256 of these columns' values, row by row in order (JSON, so the same for any pandas version)."""
-    return hashlib.sha256(frame[columns].to_json(orient="values", date_format="iso").encode()).hexdigest()
+    return StreamedFrameDigest(columns).update(frame).hexdigest()
+
+
+class StreamedFrameDigest:
+    """:func:`frame_digest` of a table given chunk by chunk: the same digest as of the chunks concatenated, whatever
+    the chunking (each chunk's JSON rows without their outer brackets, joined by commas inside one pair)."""
+
+    def __init__(self, columns: list[str]) -> None:
+        self.columns, self.sha, self.rows = list(columns), hashlib.sha256(b"["), 0
+
+    def update(self, frame: pd.DataFrame) -> StreamedFrameDigest:
+        if len(frame):
+            rows = frame[self.columns].to_json(orient="values", date_format="iso")[1:-1]
+            self.sha.update((b"," if self.rows else b"") + rows.encode())
+            self.rows += len(frame)
+        return self
+
+    def hexdigest(self) -> str:
+        final = self.sha.copy()
+        final.update(b"]")
+        return final.hexdigest()
 
 
 def file_digest(path: Path) -> str:

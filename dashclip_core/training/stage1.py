@@ -78,26 +78,20 @@ class PairsTable:
 def write_stage1_pairs(cfg: PipelineConfig, products, path: Path) -> PairsTable:
     """:func:`stage1_pairs` of the trainable products, ``catalog.chunk_rows`` catalog rows at a time, into a folder of
     parts at ``path``. ``products``: the clean catalog (a parquet path or a frame). Memory: one chunk and the group ids."""
-    import hashlib
-
     from dashclip_core.storage.partitions import PartWriter, frame_chunks
+    from dashclip_core.training.checkpoints import StreamedFrameDigest
 
     empty = pd.DataFrame({c: pd.Series(dtype=object) for c in STAGE1_DATA_COLUMNS[:-1]}).assign(group_id=pd.Series(dtype=np.int64))
-    # The digest is checkpoints.frame_digest of the whole pairs table, streamed: each chunk's JSON rows without the
-    # outer brackets, joined by commas, inside one pair of brackets (the same bytes whatever the chunking).
-    digest, groups, n = hashlib.sha256(b"["), [], 0
+    digest, groups = StreamedFrameDigest(list(STAGE1_DATA_COLUMNS)), []  # the whole table's frame_digest, streamed
     with PartWriter(path, empty) as writer:
         for chunk in frame_chunks(products, cfg.catalog.chunk_rows, columns=list(STAGE1_DATA_COLUMNS[:-1])):
             pairs = stage1_pairs(trainable_products(chunk, cfg))
             if len(pairs):
                 writer.write(pairs)
-                rows = pairs[list(STAGE1_DATA_COLUMNS)].to_json(orient="values", date_format="iso")[1:-1]
-                digest.update((b"," if n else b"") + rows.encode())
+                digest.update(pairs)
                 groups.append(pairs["group_id"].to_numpy())
-                n += len(pairs)
-    digest.update(b"]")
     n_groups = len(np.unique(np.concatenate(groups))) if groups else 0
-    return PairsTable(path, n, n_groups, digest.hexdigest())
+    return PairsTable(path, digest.rows, n_groups, digest.hexdigest())
 
 
 def trainable_products(products: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
